@@ -1,0 +1,52 @@
+# The README's two commands: `make repro` (the whole pipeline) and `make test` (the tests).
+# Both set everything up first; nothing else is needed by hand on Debian with Python 3.11.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.setup-stamp
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+UI_HOST ?= 127.0.0.1
+UI_PORT ?= 5000
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup repro test lint ui dashboard clean
+
+setup: $(STAMP) fashion-mnist
+
+# Keyed on pyproject.toml: a second `make setup` with nothing changed does nothing.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# -qq: this machine's pip config lists local indexes that print a warning per package.
+	$(BIN)/python -m pip install -qq -e '.[dev]'
+	touch $@
+
+.PHONY: fashion-mnist
+fashion-mnist:
+	@if [ -d $(FASHION_MNIST) ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's dataset-fashion-mnist into $(FASHION_MNIST)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else \
+	  echo "note: apt-get is not available; put the Fashion-MNIST IDX files in data/raw/fashion-mnist/"; \
+	fi
+
+repro: setup
+	$(BIN)/dvc repro
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+
+test: setup lint
+	$(BIN)/pytest
+
+ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host $(UI_HOST) --port $(UI_PORT)
+
+clean:
+	rm -rf data/prepared models metrics plots reports params checkpoints

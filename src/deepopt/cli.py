@@ -1,0 +1,78 @@
+"""The ``deepopt`` command: one subcommand per pipeline stage.
+
+Stage modules (and with them torch, mlflow, optuna) are imported only when their command
+runs, so ``deepopt --help`` stays fast. Expected failures print one line and exit with the
+code of their error class (see deepopt.errors); Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from deepopt import __version__
+from deepopt.errors import EXIT_INTERRUPTED, DeepoptError
+
+__all__ = ["main"]
+
+
+def _stage(module: str) -> Callable[..., dict[str, Any]]:
+    return importlib.import_module(f"deepopt.{module}").main  # type: ignore[no-any-return]
+
+
+def _add_stage(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_text: str
+) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help_text, description=help_text)
+    parser.set_defaults(stage=name)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deepopt",
+        description="Reproducible experiments of the deep-learning lecture (run from the repo root).",
+    )
+    parser.add_argument("--version", action="version", version=f"deepopt {__version__}")
+    parser.add_argument(
+        "--params", default="params.yaml", type=Path, help="params file (default: params.yaml)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_stage(sub, "prepare", "read the raw IDX files, split them and write data/prepared/")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    from deepopt.config import load_params  # pydantic + yaml only: cheap
+
+    params = load_params(args.params)
+    options = {
+        key: value
+        for key, value in vars(args).items()
+        if key not in {"command", "stage", "params"}
+    }
+    return _stage(args.stage)(params, **options)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        summary = _run(args)
+    except DeepoptError as err:
+        print(f"deepopt: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("deepopt: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(json.dumps(summary, sort_keys=True, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""The one typed, validated configuration, loaded once from ``params.yaml``.
+
+This schema is the single source of defaults. Every model is frozen and refuses unknown
+keys; ``load_params`` turns any problem into a one-line ``ConfigError`` that names the key
+path, the bad value and what is allowed.
+
+Optimizer and schedule knobs are optional fields: a knob that does not apply to the chosen
+optimizer/schedule is an error, and the knobs that do apply get their defaults filled in
+here (``OPTIMIZER_KNOBS``/``SCHEDULE_KNOBS``), so the resolved config shows every value used.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from deepopt.errors import ConfigError
+
+__all__ = [
+    "DATASET_NAMES",
+    "OPTIMIZER_NAMES",
+    "SCHEDULE_NAMES",
+    "DataConfig",
+    "EarlyStopConfig",
+    "MatrixConfig",
+    "MlflowConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "Params",
+    "RunConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "config_hash",
+    "load_params",
+    "parse_params",
+    "resolve_experiment",
+]
+
+DatasetName = Literal["mnist", "fashion-mnist", "kmnist"]
+ModelName = Literal["lecture_cnn", "mlp"]
+Activation = Literal["relu", "sigmoid", "tanh"]
+OptimizerName = Literal["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw"]
+ScheduleName = Literal["constant", "linear", "inverse_time", "plateau", "step", "cosine"]
+MonitorName = Literal["val_loss", "val_acc"]
+
+DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
+OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimizerName)
+SCHEDULE_NAMES: tuple[str, ...] = get_args(ScheduleName)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    name: DatasetName = "fashion-mnist"
+    # Folder holding <name>/ with the four IDX files (.gz or not); relative to the repo.
+    root: str = "data/raw"
+    # Seeded, stratified subset of the 60,000 training images; null = all of them.
+    train_subset: int | None = Field(6000, ge=20)
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+
+
+class ModelConfig(_Strict):
+    name: ModelName = "lecture_cnn"
+    batchnorm: bool = True
+    activation: Activation = "relu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # after each hidden block
+    # lecture_cnn: channels of the three 5x5 convolutions and units of the hidden dense layer.
+    conv_channels: tuple[int, int, int] = (10, 40, 80)
+    dense_units: int = Field(50, ge=1)
+    # mlp: number of hidden layers and their width.
+    depth: int = Field(8, ge=1)
+    width: int = Field(128, ge=1)
+
+
+# Knobs each optimizer takes beyond lr and weight_decay, with their defaults (torch's,
+# except momentum, whose default is the lecture's 0.9).
+OPTIMIZER_KNOBS: dict[str, dict[str, Any]] = {
+    "sgd": {},
+    "momentum": {"momentum": 0.9},
+    "nesterov": {"momentum": 0.9},
+    "adagrad": {"eps": 1e-10},
+    "rmsprop": {"rho": 0.99, "eps": 1e-8, "momentum": 0.0},
+    "adam": {"betas": (0.9, 0.999), "eps": 1e-8},
+    "adamw": {"betas": (0.9, 0.999), "eps": 1e-8},
+}
+
+
+def _check_knobs(
+    section: str, chosen: str, values: dict[str, Any], table: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """Refuse knobs the chosen variant lacks; fill in defaults of the ones it takes."""
+    knobs = table.get(chosen)
+    if knobs is None:  # an unknown name: let the Literal field report it
+        return values
+    all_knobs = {k for variant in table.values() for k in variant}
+    for key, value in values.items():
+        if key in all_knobs and key not in knobs and value is not None:
+            allowed = ", ".join(sorted(knobs)) or "none"
+            raise ValueError(
+                f"{section}.{key}: does not apply to {section}.name '{chosen}' "
+                f"(its knobs: {allowed}); remove it or set it to null"
+            )
+    filled = dict(values)
+    for key, default in knobs.items():
+        if filled.get(key) is None:
+            filled[key] = default
+    return filled
+
+
+class OptimConfig(_Strict):
+    name: OptimizerName = "nesterov"
+    lr: float = Field(0.02, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)  # L2 penalty, as torch.optim applies it
+    momentum: float | None = Field(None, ge=0.0, lt=1.0)
+    betas: tuple[float, float] | None = None  # adam/adamw: the lecture's rho1, rho2
+    eps: float | None = Field(None, gt=0.0)  # the lecture's delta
+    rho: float | None = Field(None, gt=0.0, lt=1.0)  # rmsprop decay (torch's alpha)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _knobs(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        return _check_knobs("optim", values.get("name", "nesterov"), values, OPTIMIZER_KNOBS)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> OptimConfig:
+        if self.betas is not None and not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas: {list(self.betas)} must both be in [0, 1)")
+        return self
+
+
+# Knobs of each schedule, with their defaults. None means "derived at build time":
+# linear's horizon defaults to train.epochs.
+SCHEDULE_KNOBS: dict[str, dict[str, Any]] = {
+    "constant": {},
+    "linear": {"final_lr": 1e-4, "horizon": None},  # the lecture's sc: 0.02 -> 0.0001
+    "inverse_time": {"decay": 1e-5},  # per batch, as Keras' decay
+    "plateau": {
+        "monitor": "val_loss",
+        "factor": 0.1,
+        "patience": 5,
+        "min_delta": 1e-4,
+        "cooldown": 0,
+        "min_lr": 0.0,
+    },
+    "step": {"step_size": 10, "gamma": 0.1},
+    "cosine": {"warmup_epochs": 0, "min_lr": 0.0},
+}
+
+
+class ScheduleConfig(_Strict):
+    name: ScheduleName = "constant"
+    final_lr: float | None = Field(None, gt=0.0)  # linear: eta_T
+    horizon: int | None = Field(None, ge=1)  # linear: T in epochs (null = train.epochs)
+    decay: float | None = Field(None, gt=0.0, lt=1.0)  # inverse_time: delta per batch
+    monitor: MonitorName | None = None  # plateau
+    factor: float | None = Field(None, gt=0.0, lt=1.0)  # plateau
+    patience: int | None = Field(None, ge=0)  # plateau, epochs
+    min_delta: float | None = Field(None, ge=0.0)  # plateau, absolute as in Keras
+    cooldown: int | None = Field(None, ge=0)  # plateau, epochs
+    min_lr: float | None = Field(None, ge=0.0)  # plateau and cosine floor
+    step_size: int | None = Field(None, ge=1)  # step, epochs
+    gamma: float | None = Field(None, gt=0.0, le=1.0)  # step
+    warmup_epochs: int | None = Field(None, ge=0)  # cosine: linear warmup from ~0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _knobs(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        return _check_knobs("schedule", values.get("name", "constant"), values, SCHEDULE_KNOBS)
+
+
+class EarlyStopConfig(_Strict):
+    enabled: bool = True
+    monitor: MonitorName = "val_loss"
+    min_delta: float = Field(1e-4, ge=0.0)  # absolute, as Keras
+    patience: int = Field(5, ge=0)  # epochs without improvement before stopping
+    mode: Literal["auto", "min", "max"] = "auto"  # auto: min for val_loss, max for val_acc
+    restore_best: bool = False  # the lecture keeps the last weights
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(50, ge=1)
+    eval_batch_size: int = Field(1000, ge=1)
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads; null = all cores
+    ensemble: int = Field(1, ge=1)  # members trained with seeds seed, seed+1, ...
+    # Opt-in diagnostics from the lecture: per-layer gradient norms (vanishing gradients)
+    # and the fraction of zero ReLU outputs per layer (sparsity).
+    diagnostics: bool = False
+    checkpoint_dir: str = "checkpoints"  # outside every DVC out, so repro never deletes it
+
+
+class MlflowConfig(_Strict):
+    experiment: str = Field("deepopt", min_length=1)
+    log_model: bool = True  # mlflow.pytorch.log_model at the end of each run
+
+
+class MatrixConfig(_Strict):
+    seeds: int = Field(1, ge=1)  # every experiment repeated over seed, seed+1, ...
+
+
+class RunConfig(_Strict):
+    """Everything one training run reads: the base config with an experiment applied."""
+
+    seed: int = Field(4487, ge=0)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    early_stop: EarlyStopConfig = EarlyStopConfig()
+    train: TrainConfig = TrainConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+
+_RUN_SECTIONS = tuple(RunConfig.model_fields)
+
+
+class Params(RunConfig):
+    """The whole of params.yaml: the base run config, the matrix of experiments and more."""
+
+    matrix: MatrixConfig = MatrixConfig()
+    # name -> overrides of the base run config (any key of the sections above but data).
+    experiments: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _experiments_resolve(self) -> Params:
+        for name in self.experiments:
+            resolve_experiment(self, name)
+        return self
+
+    def base_run(self) -> RunConfig:
+        return RunConfig.model_validate(
+            {section: getattr(self, section) for section in _RUN_SECTIONS}
+        )
+
+
+def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _raw_run_dict(params: Params) -> dict[str, Any]:
+    """The base run config as plain data, with the knob defaults of the base variants
+    removed so that an experiment switching optimizer/schedule does not inherit them."""
+    raw = params.base_run().model_dump(mode="json")
+    for section, table in (("optim", OPTIMIZER_KNOBS), ("schedule", SCHEDULE_KNOBS)):
+        for knobs in table.values():
+            for key in knobs:
+                raw[section].pop(key, None)
+    return raw
+
+
+def resolve_experiment(params: Params, name: str | None) -> RunConfig:
+    """The run config of experiment ``name`` (None: the base config itself)."""
+    if name is None:
+        return params.base_run()
+    if name not in params.experiments:
+        known = ", ".join(sorted(params.experiments)) or "none defined"
+        raise ConfigError(f"experiment '{name}' is not in params.yaml experiments ({known})")
+    overrides = params.experiments[name]
+    if "data" in overrides:
+        raise ConfigError(
+            f"experiments.{name}.data: experiments share the prepared data; "
+            "change data.* at the top level instead"
+        )
+    base = _raw_run_dict(params)
+    # An experiment that names a new optimizer/schedule gets that variant's defaults,
+    # not the base's knobs; one that keeps the name keeps the base's knobs.
+    for section in ("optim", "schedule"):
+        section_overrides = overrides.get(section, {})
+        if isinstance(section_overrides, dict) and "name" not in section_overrides:
+            base[section] = getattr(params, section).model_dump(mode="json")
+    merged = _deep_merge(base, overrides)
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, RunConfig, f"experiments.{name}")) from None
+
+
+def config_hash(config: BaseModel, length: int = 12) -> str:
+    """A short stable hash of a resolved config (for checkpoint keys and study names)."""
+    blob = json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def _model_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at ``loc`` (for did-you-mean)."""
+    model: type[BaseModel] = root
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *get_args(annotation)]
+        nested = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+        if nested is None:
+            return None
+        model = nested
+    return model
+
+
+def _format_validation_error(err: ValidationError, root: type[BaseModel], prefix: str = "") -> str:
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    path = ".".join(str(p) for p in loc)
+    if prefix:
+        path = f"{prefix}.{path}" if path else prefix
+    kind = first["type"]
+    value = first.get("input")
+    if kind == "extra_forbidden":
+        owner = _model_at(root, loc[:-1])
+        key = str(loc[-1])
+        allowed = sorted(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{path}: unknown key{hint}; allowed: {', '.join(allowed)}"
+    if kind == "literal_error":
+        expected = first.get("ctx", {}).get("expected", "")
+        allowed = expected.replace("'", "").replace(" or ", ", ")
+        return f"{path}: {value!r} is not one of {allowed}"
+    if kind == "value_error":
+        # Our own validators already name the key path in their message.
+        message = str(first["msg"]).removeprefix("Value error, ")
+        return message if "." in message.split(":")[0] else f"{path}: {message}"
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    return f"{path}: {value!r} is invalid: {first['msg']}"
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate already-parsed YAML data into Params (ConfigError on any problem)."""
+    if raw is None:
+        raise ConfigError(
+            f"{source}: file is empty; expected a mapping with keys such as "
+            f"{', '.join(_RUN_SECTIONS)}"
+        )
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_format_validation_error(err, Params)}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; every problem is a one-line ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found (run from the repository root)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot be read: {err}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{path}: {where}YAML syntax error: {err.problem}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: YAML syntax error: {err}") from None
+    return parse_params(raw, source=str(path))

@@ -1,0 +1,84 @@
+"""Where each stage reads and writes, relative to the repository root.
+
+dvc.yaml names the same paths (DVC needs them literally); ``tests/test_dvc_yaml.py``
+checks the two agree, so a path is changed here and in dvc.yaml together.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = [
+    "PARAMS_FILE",
+    "PREPARED_DIR",
+    "checkpoint_dir",
+    "eval_metrics_path",
+    "history_path",
+    "meta_path",
+    "model_path",
+    "plots_dir",
+    "prepared_split_path",
+    "repo_root",
+    "run_info_path",
+    "train_metrics_path",
+]
+
+PARAMS_FILE = Path("params.yaml")
+PREPARED_DIR = Path("data/prepared")
+
+
+def prepared_split_path(split: str) -> Path:
+    """data/prepared/{train,val,test}.pt: uint8 images and int64 labels."""
+    return PREPARED_DIR / f"{split}.pt"
+
+
+def meta_path() -> Path:
+    return PREPARED_DIR / "meta.json"
+
+
+def model_path(experiment: str) -> Path:
+    return Path("models") / experiment / "model.pt"
+
+
+def run_info_path(experiment: str) -> Path:
+    """The MLflow run ids of a trained experiment, for evaluate to log into the same runs."""
+    return Path("models") / experiment / "run.json"
+
+
+def train_metrics_path(experiment: str) -> Path:
+    return Path("metrics") / experiment / "train.json"
+
+
+def eval_metrics_path(experiment: str) -> Path:
+    return Path("metrics") / experiment / "eval.json"
+
+
+def plots_dir(experiment: str) -> Path:
+    return Path("plots") / experiment
+
+
+def history_path(experiment: str) -> Path:
+    return plots_dir(experiment) / "history.csv"
+
+
+def checkpoint_dir(root: str | Path, experiment: str) -> Path:
+    """Per-experiment checkpoints; never a DVC out, so `dvc repro` does not delete them."""
+    return Path(root) / experiment
+
+
+def repo_root(start: Path | None = None) -> Path:
+    """The workspace root: the nearest folder with .dvc/ or .git/ above ``start``.
+
+    Inside a `dvc exp run --temp/--queue` copy (under <workspace>/.dvc/tmp/exps/) this is
+    the workspace itself, so runs there still log to the workspace's mlruns/.
+    """
+    here = (start or Path.cwd()).resolve()
+    parts = here.parts
+    if ".dvc" in parts:
+        marker = parts.index(".dvc")
+        if parts[marker + 1 : marker + 3] == ("tmp", "exps"):
+            return Path(*parts[:marker])
+    for folder in (here, *here.parents):
+        if (folder / ".dvc").is_dir() or (folder / ".git").exists():
+            return folder
+    return here
