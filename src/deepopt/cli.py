@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from deepopt import __version__
@@ -44,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_stage(sub, "prepare", "read the raw IDX files, split them and write data/prepared/")
+    train = _add_stage(sub, "train", "train an experiment (default: the base config), record it in MLflow")
+    train.add_argument(
+        "--experiment", metavar="NAME", help="an entry of params.yaml experiments (default: base)"
+    )
     return parser
 
 
@@ -59,9 +65,16 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     return _stage(args.stage)(params, **options)
 
 
+def _interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM (kill, dvc's own cancellation, a scheduler) takes the same path as Ctrl-C:
+    # the stage records what it finished and exits 130.
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
         summary = _run(args)
     except DeepoptError as err:

@@ -1,0 +1,65 @@
+"""Atomic file writes: every output appears whole or not at all.
+
+Each writer writes a temp file in the destination's folder and renames it over the target
+(``os.replace`` is atomic within one filesystem), so DVC never caches a half-written file
+and a killed stage leaves the previous version or nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+from deepopt.errors import DeepoptError
+
+__all__ = ["atomic_path", "write_bytes", "write_json", "write_text", "write_torch"]
+
+
+@contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temp path next to ``target``; on success it is renamed onto ``target``."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as err:
+        raise DeepoptError(f"cannot write {target}: {err.strerror or err}") from None
+    os.close(handle)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write(target: str | Path, mode: str, write: Callable[[IO[Any]], None]) -> None:
+    with atomic_path(target) as tmp, open(tmp, mode) as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_bytes(target: str | Path, data: bytes) -> None:
+    _write(target, "wb", lambda handle: handle.write(data))
+
+
+def write_text(target: str | Path, text: str) -> None:
+    _write(target, "w", lambda handle: handle.write(text))
+
+
+def write_json(target: str | Path, data: Any) -> None:
+    """Pretty, key-sorted JSON (stable bytes for the same data) with a final newline."""
+    write_text(target, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_torch(target: str | Path, obj: Any) -> None:
+    import torch  # lazy: this module is also used by torch-free commands
+
+    _write(target, "wb", lambda handle: torch.save(obj, handle))
