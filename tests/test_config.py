@@ -1,0 +1,171 @@
+"""params.yaml validation: every problem is one line naming the key path and what is allowed."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from deepopt.cli import main as cli_main
+from deepopt.config import (
+    Params,
+    config_hash,
+    load_params,
+    parse_params,
+    resolve_experiment,
+)
+from deepopt.errors import ConfigError
+
+
+def _with(raw: dict[str, Any], section: str, **changes: Any) -> dict[str, Any]:
+    changed = copy.deepcopy(raw)
+    changed.setdefault(section, {}).update(changes)
+    return changed
+
+
+def _error(raw: Any) -> str:
+    with pytest.raises(ConfigError) as caught:
+        parse_params(raw)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_repository_params_load_and_match_the_lecture(base_params: dict[str, Any]) -> None:
+    params = parse_params(base_params)
+    run = params.base_run()
+    assert (run.optim.name, run.optim.lr, run.optim.momentum) == ("nesterov", 0.02, 0.9)
+    assert (run.train.batch_size, run.data.train_subset, run.data.val_fraction) == (50, 6000, 0.1)
+    assert (run.early_stop.monitor, run.early_stop.min_delta, run.early_stop.patience) == (
+        "val_loss",
+        1e-4,
+        5,
+    )
+
+
+def test_unknown_optimizer_lists_the_allowed_ones(base_params: dict[str, Any]) -> None:
+    message = _error(_with(base_params, "optim", name="sgdd"))
+    assert message == (
+        "params.yaml: optim.name: 'sgdd' is not one of "
+        "sgd, momentum, nesterov, adagrad, rmsprop, adam, adamw"
+    )
+
+
+def test_unknown_key_suggests_the_closest(base_params: dict[str, Any]) -> None:
+    assert "optim.lrr: unknown key (did you mean 'lr'?)" in _error(
+        _with(base_params, "optim", lrr=0.1)
+    )
+    raw = copy.deepcopy(base_params)
+    raw["modle"] = {}
+    assert "modle: unknown key (did you mean 'model'?)" in _error(raw)
+
+
+@pytest.mark.parametrize(
+    ("section", "changes", "expected"),
+    [
+        ("optim", {"lr": 0}, "optim.lr: 0"),
+        ("optim", {"lr": -0.1}, "optim.lr: -0.1"),
+        ("optim", {"momentum": 1.0}, "optim.momentum: 1.0"),
+        ("early_stop", {"patience": -1}, "early_stop.patience: -1"),
+        ("data", {"val_fraction": 0.0}, "data.val_fraction: 0.0"),
+        ("data", {"val_fraction": 1.5}, "data.val_fraction: 1.5"),
+        ("train", {"epochs": "many"}, "train.epochs: 'many'"),
+        ("train", {"batch_size": 0}, "train.batch_size: 0"),
+        ("model", {"activation": "gelu"}, "model.activation: 'gelu' is not one of relu"),
+    ],
+)
+def test_wrong_values_name_key_and_value(
+    base_params: dict[str, Any], section: str, changes: dict[str, Any], expected: str
+) -> None:
+    assert expected in _error(_with(base_params, section, **changes))
+
+
+def test_knob_of_another_optimizer_is_an_error(base_params: dict[str, Any]) -> None:
+    message = _error(_with(base_params, "optim", name="adam"))  # keeps momentum: 0.9
+    assert "optim.momentum: does not apply to optim.name 'adam' (its knobs: betas, eps)" in message
+
+
+def test_knob_of_another_schedule_is_an_error(base_params: dict[str, Any]) -> None:
+    message = _error(_with(base_params, "schedule", name="linear", decay=1e-5))
+    assert "schedule.decay: does not apply to schedule.name 'linear'" in message
+
+
+def test_defaults_of_applicable_knobs_are_filled_in(base_params: dict[str, Any]) -> None:
+    run = parse_params(_with(base_params, "schedule", name="inverse_time")).base_run()
+    assert run.schedule.decay == 1e-5  # the lecture's Keras decay
+    assert run.schedule.final_lr is None
+
+
+def test_empty_file_and_non_mapping_are_errors() -> None:
+    assert "file is empty" in _error(None)
+    assert "expected a mapping" in _error([1, 2])
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 1\noptim:\n  lr: [0.1\n  name: sgd\n")
+    with pytest.raises(ConfigError, match=r"line \d+, column \d+: YAML syntax error"):
+        load_params(path)
+
+
+def test_experiment_overrides_resolve_with_the_new_variants_defaults(
+    base_params: dict[str, Any],
+) -> None:
+    raw = copy.deepcopy(base_params)
+    raw["experiments"] = {
+        "adam": {"optim": {"name": "adam", "lr": 0.01}},
+        "decay": {"schedule": {"name": "inverse_time"}, "train": {"epochs": 50}},
+    }
+    params = parse_params(raw)
+    adam = resolve_experiment(params, "adam")
+    assert (adam.optim.name, adam.optim.lr, adam.optim.momentum) == ("adam", 0.01, None)
+    assert adam.optim.betas == (0.9, 0.999)
+    decay = resolve_experiment(params, "decay")
+    assert (decay.optim.momentum, decay.schedule.decay, decay.train.epochs) == (0.9, 1e-5, 50)
+
+
+def test_experiment_with_unknown_key_names_its_path(base_params: dict[str, Any]) -> None:
+    raw = copy.deepcopy(base_params)
+    raw["experiments"] = {"bad": {"optim": {"lrr": 0.1}}}
+    assert "experiments.bad.optim.lrr: unknown key (did you mean 'lr'?)" in _error(raw)
+    raw["experiments"] = {"bad": {"data": {"name": "mnist"}}}
+    assert "experiments.bad.data" in _error(raw)
+
+
+def test_unknown_experiment_lists_the_known_ones(base_params: dict[str, Any]) -> None:
+    params = parse_params(base_params)
+    with pytest.raises(ConfigError, match="experiment 'nope' is not in params.yaml"):
+        resolve_experiment(params, "nope")
+
+
+def test_config_is_frozen_and_hash_is_stable(base_params: dict[str, Any]) -> None:
+    params = parse_params(base_params)
+    with pytest.raises(Exception, match="frozen"):
+        params.seed = 1  # type: ignore[misc]
+    assert config_hash(params) == config_hash(parse_params(copy.deepcopy(base_params)))
+    assert config_hash(params) != config_hash(parse_params(_with(base_params, "optim", lr=0.03)))
+
+
+def test_round_trip_through_yaml(base_params: dict[str, Any]) -> None:
+    params = parse_params(base_params)
+    dumped = yaml.safe_dump(params.model_dump(mode="json"))
+    assert Params.model_validate(yaml.safe_load(dumped)) == params
+
+
+def test_cli_reports_one_line_and_exit_2_and_writes_nothing(
+    tmp_path: Path,
+    base_params: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(_with(base_params, "optim", name="sgdd")))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert cli_main(["prepare"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("deepopt: error: params.yaml: optim.name: 'sgdd' is not one of")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
