@@ -20,10 +20,8 @@ import hashlib
 import io
 import json
 import math
-import os
 import socket
 import struct
-import tempfile
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ from typing import Any
 
 import torch
 
-from deepopt import paths
+from deepopt import files, paths
 from deepopt.config import DataConfig
 from deepopt.errors import ConfigError, DataError
 
@@ -527,28 +525,6 @@ def split_bytes(split: Split) -> bytes:
     return buffer.getvalue()
 
 
-def _atomic_write(path: Path, blob: bytes) -> None:
-    """Write ``blob`` to a temp file next to ``path`` and rename it into place."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
-        raise DataError(f"{path}: cannot write ({err.strerror or err})") from None
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(blob)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the data from other users
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise DataError(f"{path}: cannot write ({err.strerror or err})") from None
-        raise
-
-
 def write_prepared(
     split_blobs: Mapping[str, bytes], meta: Mapping[str, Any], root: Path = Path(".")
 ) -> list[Path]:
@@ -559,14 +535,18 @@ def write_prepared(
     load_prepared asks for a re-run instead of pairing new splits with old metadata.
     """
     meta_file = root / paths.meta_path()
-    with contextlib.suppress(FileNotFoundError):
-        meta_file.unlink()
     written: list[Path] = []
-    for name in SPLITS:
-        path = root / paths.prepared_split_path(name)
-        _atomic_write(path, split_blobs[name])
-        written.append(path)
-    _atomic_write(meta_file, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    path = meta_file
+    try:
+        meta_file.unlink(missing_ok=True)
+        for name in SPLITS:
+            path = root / paths.prepared_split_path(name)
+            files.write_bytes(path, split_blobs[name])
+            written.append(path)
+        path = meta_file
+        files.write_json(meta_file, meta)
+    except OSError as err:
+        raise DataError(f"{path}: cannot write ({err.strerror or err})") from None
     written.append(meta_file)
     return written
 
