@@ -31,6 +31,10 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         raise DeepoptError(f"cannot write {target}: {err.strerror or err}") from None
     os.close(handle)
     tmp = Path(tmp_name)
+    # mkstemp creates 0600; outputs get the usual umask-based mode like any new file.
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)
     try:
         yield tmp
         os.replace(tmp, target)
