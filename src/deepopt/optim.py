@@ -1,0 +1,293 @@
+"""The lecture's optimizers and learning-rate schedules, built from torch.optim only.
+
+Each schedule's formula is written once here as a pure function of the epoch (or batch)
+index ``k``, counted from 0, that returns the learning rate as a multiple of the initial
+rate ``eta0`` (the ``lr_lambda`` of ``torch.optim.lr_scheduler.LambdaLR``):
+
+- constant:      eta_k = eta0
+- linear:        eta_k = (1 - a) eta0 + a eta_T,  a = min(k / T, 1)      (per epoch)
+- inverse_time:  eta_k = eta0 / (1 + delta k)                             (per batch)
+- step:          eta_k = eta0 gamma^floor(k / step_size)                  (per epoch)
+- cosine:        warmup eta0 (k + 1) / (W + 1) for k < W, then
+                 min_lr + (eta0 - min_lr) (1 + cos(pi t)) / 2,
+                 t = (k - W) / (E - 1 - W), reaching min_lr at the last epoch E - 1
+- plateau:       Keras' ReduceLROnPlateau on the monitored validation metric (per epoch)
+
+``LRSchedule`` hides which of these step per batch and which per epoch: a training loop
+calls ``after_batch()`` after every optimizer step and ``after_epoch(metrics)`` after
+every validation, and the learning rate in ``optimizer.param_groups`` is then the one the
+next batch must use.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import lr_scheduler
+
+from deepopt.config import OPTIMIZER_KNOBS, SCHEDULE_KNOBS, OptimConfig, ScheduleConfig
+from deepopt.errors import ConfigError, DeepoptError
+
+__all__ = [
+    "PER_BATCH_SCHEDULES",
+    "LRSchedule",
+    "build_optimizer",
+    "build_schedule",
+    "cosine_factor",
+    "inverse_time_factor",
+    "keras_plateau_translation",
+    "linear_factor",
+]
+
+# Schedules that change the rate after every batch; all others change it after an epoch.
+PER_BATCH_SCHEDULES = frozenset({"inverse_time"})
+
+
+def _knob(value: Any, table: Mapping[str, Mapping[str, Any]], name: str, key: str) -> Any:
+    """A knob's configured value, or its default when the config left it unset (None)."""
+    return table[name][key] if value is None else value
+
+
+def build_optimizer(
+    parameters: Iterable[nn.Parameter] | list[dict[str, Any]], cfg: OptimConfig
+) -> torch.optim.Optimizer:
+    """The torch.optim optimizer named by ``cfg.name``.
+
+    ``parameters`` are a module's parameters or param groups; a group's own ``lr`` or
+    ``weight_decay`` overrides the config's. ``momentum`` and ``nesterov`` are the
+    lecture's SGD with momentum 0.9 (``nesterov=True`` for the latter); ``rho`` is
+    RMSprop's ``alpha``; ``eps`` is the lecture's delta; ``betas`` its (rho1, rho2).
+    """
+
+    def knob(key: str) -> Any:
+        return _knob(getattr(cfg, key), OPTIMIZER_KNOBS, cfg.name, key)
+
+    lr, weight_decay = cfg.lr, cfg.weight_decay
+    optim = torch.optim
+    if cfg.name == "sgd":
+        return optim.SGD(parameters, lr=lr, momentum=0.0, weight_decay=weight_decay)
+    if cfg.name in ("momentum", "nesterov"):
+        return optim.SGD(
+            parameters,
+            lr=lr,
+            momentum=knob("momentum"),
+            nesterov=cfg.name == "nesterov",
+            weight_decay=weight_decay,
+        )
+    if cfg.name == "adagrad":
+        return optim.Adagrad(parameters, lr=lr, eps=knob("eps"), weight_decay=weight_decay)
+    if cfg.name == "rmsprop":
+        return optim.RMSprop(
+            parameters,
+            lr=lr,
+            alpha=knob("rho"),
+            eps=knob("eps"),
+            momentum=knob("momentum"),
+            weight_decay=weight_decay,
+        )
+    if cfg.name in ("adam", "adamw"):
+        adam = optim.Adam if cfg.name == "adam" else optim.AdamW
+        betas = tuple(knob("betas"))
+        return adam(
+            parameters,
+            lr=lr,
+            betas=(betas[0], betas[1]),
+            eps=knob("eps"),
+            weight_decay=weight_decay,
+        )
+    allowed = ", ".join(OPTIMIZER_KNOBS)
+    raise ConfigError(f"optim.name: {cfg.name!r} is not one of {allowed}")
+
+
+# --- the lecture's formulas, as multiples of eta0 -------------------------------------
+
+
+def linear_factor(k: int, *, lr0: float, final_lr: float, horizon: int) -> float:
+    """Linear change from eta0 at epoch 0 to eta_T at epoch T, then held (the lecture's sc)."""
+    alpha = min(k / horizon, 1.0)
+    return ((1.0 - alpha) * lr0 + alpha * final_lr) / lr0
+
+
+def inverse_time_factor(k: int, *, decay: float) -> float:
+    """Keras' ``decay``: eta0 / (1 + delta k), k counting batches from 0."""
+    return 1.0 / (1.0 + decay * k)
+
+
+def cosine_factor(k: int, *, lr0: float, min_lr: float, warmup_epochs: int, epochs: int) -> float:
+    """Linear warmup to eta0 over ``warmup_epochs``, then a half cosine to ``min_lr``.
+
+    Warmup epochs use eta0 (k + 1) / (W + 1), so the rate rises from eta0 / (W + 1) and
+    the first cosine epoch W uses eta0 itself. The cosine reaches ``min_lr`` at the last
+    epoch E - 1; with a single cosine epoch (W = E - 1) that epoch uses eta0.
+    """
+    if k < warmup_epochs:
+        return (k + 1) / (warmup_epochs + 1)
+    span = max(epochs - 1 - warmup_epochs, 1)
+    progress = min((k - warmup_epochs) / span, 1.0)
+    return (min_lr + (lr0 - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))) / lr0
+
+
+def keras_plateau_translation(patience: int, cooldown: int) -> tuple[int, int]:
+    """torch ``(patience, cooldown)`` that reproduce Keras' ReduceLROnPlateau.
+
+    Keras counts bad epochs in ``wait`` and reduces when ``wait >= patience``; torch
+    reduces when ``num_bad_epochs > patience``: torch patience = Keras patience - 1
+    (Keras' patience 0 behaves as 1: every bad epoch reduces). Keras decrements its
+    cooldown counter before counting the epoch, so the epoch on which the counter reaches
+    0 already counts as bad; torch zeroes the bad count on that epoch too: torch
+    cooldown = Keras cooldown - 1 (Keras' cooldown 1 has no effect).
+    """
+    return max(patience - 1, 0), max(cooldown - 1, 0)
+
+
+# --- the schedule object the training loop drives -------------------------------------
+
+
+class LRSchedule:
+    """A torch LR scheduler plus when to step it (per batch or per epoch)."""
+
+    def __init__(
+        self,
+        name: str,
+        scheduler: lr_scheduler.LRScheduler,
+        optimizer: torch.optim.Optimizer,
+        *,
+        monitor: str | None = None,
+    ) -> None:
+        self.name = name
+        self.per_batch = name in PER_BATCH_SCHEDULES
+        self.monitor = monitor  # plateau only: the metric key after_epoch reads
+        self._scheduler = scheduler
+        self._optimizer = optimizer
+
+    def after_batch(self) -> None:
+        """Call after each ``optimizer.step()``; steps per-batch schedules."""
+        if self.per_batch:
+            self._scheduler.step()
+
+    def after_epoch(self, metrics: Mapping[str, float]) -> None:
+        """Call after each epoch's validation; steps per-epoch schedules."""
+        if isinstance(self._scheduler, lr_scheduler.ReduceLROnPlateau):
+            assert self.monitor is not None  # set by build_schedule for plateau
+            if self.monitor not in metrics:
+                known = ", ".join(sorted(metrics)) or "none"
+                raise DeepoptError(
+                    f"schedule.monitor: metric {self.monitor!r} was not reported "
+                    f"(reported: {known})"
+                )
+            self._scheduler.step(float(metrics[self.monitor]))
+        elif not self.per_batch:
+            self._scheduler.step()
+
+    def current_lr(self) -> float:
+        """The learning rate the next batch uses (of the first param group)."""
+        return float(self._optimizer.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data (numbers, strings, lists): loads with ``torch.load(weights_only=True)``."""
+        return {"name": self.name, "scheduler": self._scheduler.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the saved schedule; also restores the param groups' current rates."""
+        if state.get("name") != self.name:
+            raise DeepoptError(
+                f"checkpoint schedule {state.get('name')!r} does not match "
+                f"schedule.name {self.name!r}; delete the checkpoint or change the config"
+            )
+        self._scheduler.load_state_dict(dict(state["scheduler"]))
+        # The scheduler recomputes a rate only on its next step; until then the optimizer
+        # must already hold the saved rate, whether or not its own state was loaded.
+        for group, lr in zip(
+            self._optimizer.param_groups, self._scheduler.get_last_lr(), strict=True
+        ):
+            group["lr"] = float(lr)
+
+
+def build_schedule(
+    optimizer: torch.optim.Optimizer,
+    cfg: ScheduleConfig,
+    *,
+    epochs: int,
+    steps_per_epoch: int,
+) -> LRSchedule:
+    """The schedule named by ``cfg.name``, starting from the optimizer's current rate.
+
+    ``epochs`` is the planned run length (linear's default horizon, cosine's end);
+    ``steps_per_epoch`` the batches per epoch, checked here so that every schedule takes
+    the same arguments. Rates in ``final_lr``/``min_lr`` of linear and cosine are absolute
+    for a param group starting at ``optim.lr`` and scale with any group that starts
+    elsewhere; plateau's ``min_lr`` is absolute for every group, as in Keras.
+    """
+    if epochs < 1 or steps_per_epoch < 1:
+        raise ConfigError(
+            f"schedule: epochs ({epochs}) and steps_per_epoch ({steps_per_epoch}) must be >= 1"
+        )
+
+    def knob(key: str) -> Any:
+        return _knob(getattr(cfg, key), SCHEDULE_KNOBS, cfg.name, key)
+
+    lr0 = float(optimizer.defaults["lr"])
+    factor: Callable[[int], float]
+    if cfg.name == "constant":
+
+        def factor(k: int) -> float:
+            return 1.0
+
+    elif cfg.name == "linear":
+        final_lr = float(knob("final_lr"))
+        horizon = int(knob("horizon") or epochs)
+
+        def factor(k: int) -> float:
+            return linear_factor(k, lr0=lr0, final_lr=final_lr, horizon=horizon)
+
+    elif cfg.name == "inverse_time":
+        decay = float(knob("decay"))
+
+        def factor(k: int) -> float:
+            return inverse_time_factor(k, decay=decay)
+
+    elif cfg.name == "step":
+        step_size, gamma = int(knob("step_size")), float(knob("gamma"))
+        scheduler: lr_scheduler.LRScheduler = lr_scheduler.StepLR(
+            optimizer, step_size=step_size, gamma=gamma
+        )
+        return LRSchedule(cfg.name, scheduler, optimizer)
+
+    elif cfg.name == "cosine":
+        warmup_epochs, min_lr = int(knob("warmup_epochs")), float(knob("min_lr"))
+        if warmup_epochs >= epochs:
+            raise ConfigError(
+                f"schedule.warmup_epochs: {warmup_epochs} must be less than train.epochs "
+                f"({epochs}) so the cosine phase has at least one epoch"
+            )
+
+        def factor(k: int) -> float:
+            return cosine_factor(
+                k, lr0=lr0, min_lr=min_lr, warmup_epochs=warmup_epochs, epochs=epochs
+            )
+
+    elif cfg.name == "plateau":
+        monitor = str(knob("monitor"))
+        patience, cooldown = keras_plateau_translation(int(knob("patience")), int(knob("cooldown")))
+        scheduler = lr_scheduler.ReduceLROnPlateau(
+            optimizer,
+            mode="max" if monitor == "val_acc" else "min",
+            factor=float(knob("factor")),
+            patience=patience,
+            threshold=float(knob("min_delta")),
+            threshold_mode="abs",  # Keras' min_delta is an absolute change
+            cooldown=cooldown,
+            min_lr=float(knob("min_lr")),
+            eps=0.0,  # Keras reduces whenever lr > min_lr; torch's default skips < 1e-8
+        )
+        return LRSchedule(cfg.name, scheduler, optimizer, monitor=monitor)
+
+    else:
+        allowed = ", ".join(SCHEDULE_KNOBS)
+        raise ConfigError(f"schedule.name: {cfg.name!r} is not one of {allowed}")
+
+    return LRSchedule(cfg.name, lr_scheduler.LambdaLR(optimizer, factor), optimizer)
