@@ -1,0 +1,316 @@
+"""The training loop: preloaded tensors, seeded batching, early stopping, diagnostics.
+
+Nothing here does I/O or tracking. The caller passes ``on_epoch_end`` (checkpointing,
+MLflow, progress, Optuna pruning) and gets a ``FitResult`` back. A run can start from a
+``LoopState`` taken from a checkpoint and then continues exactly as if never stopped: the
+shuffling generator, the global torch RNG (dropout), the optimizer, the schedule and the
+early-stopping counters are all part of the state.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from deepopt.config import EarlyStopConfig
+from deepopt.optim import LRSchedule
+
+__all__ = [
+    "EarlyStopping",
+    "FitResult",
+    "LoopState",
+    "StopReason",
+    "evaluate_logits",
+    "fit",
+]
+
+StopReason = Literal["early_stop", "max_epochs", "diverged", "interrupted"]
+
+
+class EarlyStopping:
+    """Keras' EarlyStopping: stop after ``patience`` epochs without an improvement larger
+    than ``min_delta`` (absolute) of the monitored metric."""
+
+    def __init__(self, cfg: EarlyStopConfig) -> None:
+        self.enabled = cfg.enabled
+        self.monitor = cfg.monitor
+        mode = cfg.mode if cfg.mode != "auto" else ("max" if "acc" in cfg.monitor else "min")
+        self.sign = 1.0 if mode == "min" else -1.0  # compare sign * value: lower is better
+        self.min_delta = cfg.min_delta
+        self.patience = cfg.patience
+        self.best = math.inf
+        self.best_epoch = -1
+        self.wait = 0
+
+    def update(self, epoch: int, metrics: dict[str, float]) -> bool:
+        """Record an epoch's metrics; return True when this epoch is a new best."""
+        value = self.sign * metrics[self.monitor]
+        if value < self.best - self.min_delta:
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            return True
+        self.wait += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.enabled and self.wait >= self.patience
+
+    def state_dict(self) -> dict[str, float | int]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = float(state["best"])
+        self.best_epoch = int(state["best_epoch"])
+        self.wait = int(state["wait"])
+
+
+@dataclass
+class LoopState:
+    """Everything needed to continue a run after the epoch ``epochs_done``."""
+
+    epochs_done: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    model: dict[str, Any] | None = None
+    optimizer: dict[str, Any] | None = None
+    schedule: dict[str, Any] | None = None
+    early_stopping: dict[str, Any] | None = None
+    best_model: dict[str, Any] | None = None  # only with restore_best
+    shuffle_rng: torch.Tensor | None = None
+    torch_rng: torch.Tensor | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoopState:
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
+
+
+@dataclass(frozen=True)
+class FitResult:
+    history: list[dict[str, float]]
+    epochs_run: int
+    stop_reason: StopReason
+    best_epoch: int  # epoch (0-based) with the best monitored value, -1 if none
+    train_seconds: float  # wall time of the epochs run in this process
+
+
+def _autocast(precision: str) -> Any:
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.inference_mode()
+def evaluate_logits(
+    model: nn.Module, images: torch.Tensor, batch_size: int, precision: str = "fp32"
+) -> torch.Tensor:
+    """Logits for all ``images`` [N,C,H,W] in eval mode, in large batches: [N, classes]."""
+    model.eval()
+    with _autocast(precision):
+        chunks = [
+            model(images[i : i + batch_size]).float() for i in range(0, len(images), batch_size)
+        ]
+    return torch.cat(chunks)
+
+
+def _loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    loss = nn.functional.cross_entropy(logits, labels).item()
+    accuracy = (logits.argmax(dim=1) == labels).float().mean().item()
+    return loss, accuracy
+
+
+@contextmanager
+def _zero_fraction_hooks(model: nn.Module, sums: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Accumulate, per ReLU module, the fraction of outputs that are exactly zero."""
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ReLU):
+
+            def hook(_m: nn.Module, _i: Any, out: torch.Tensor, key: str = name) -> None:
+                fraction = (out.detach() == 0).float().mean()
+                sums[key] = sums.get(key, torch.zeros(())) + fraction
+
+            handles.append(module.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _weight_layers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [
+        (name, module.weight)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Conv2d | nn.Linear)
+    ]
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: LRSchedule,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    *,
+    epochs: int,
+    batch_size: int,
+    early_stop: EarlyStopConfig,
+    seed: int,
+    eval_batch_size: int = 1000,
+    precision: str = "fp32",
+    diagnostics: bool = False,
+    start: LoopState | None = None,
+    on_epoch_end: Callable[[LoopState], None] | None = None,
+) -> FitResult:
+    """Train ``model`` on normalized ``train`` = (images [N,C,H,W] float, labels [N] int64).
+
+    Every epoch appends a record (loss, acc, val_loss, val_acc, lr, seconds, and with
+    ``diagnostics`` grad_norm/<layer> and zero_fraction/<layer>) to the history, then calls
+    ``on_epoch_end`` with the state to continue from. Exceptions from the callback
+    (KeyboardInterrupt, Optuna's TrialPruned) propagate: the state they saw is consistent.
+    """
+    images, labels = train
+    val_images, val_labels = val
+    stopper = EarlyStopping(early_stop)
+    shuffle = torch.Generator().manual_seed(seed)
+    state = start or LoopState()
+    if start is None:
+        torch.manual_seed(seed)  # dropout masks; model init is seeded by the caller
+    else:
+        _restore(model, optimizer, schedule, stopper, shuffle, state)
+    history = list(state.history)
+    best_model = state.best_model
+    started = time.perf_counter()
+    stop_reason: StopReason = "max_epochs"
+
+    for epoch in range(state.epochs_done, epochs):
+        if stopper.should_stop:
+            stop_reason = "early_stop"
+            break
+        tic = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        record, finite = _train_one_epoch(
+            model, optimizer, schedule, images, labels, shuffle, batch_size, precision, diagnostics
+        )
+        if not finite:
+            stop_reason = "diverged"
+            break
+        logits = evaluate_logits(model, val_images, eval_batch_size, precision)
+        record["val_loss"], record["val_acc"] = _loss_and_accuracy(logits, val_labels)
+        record.update(lr=lr, seconds=time.perf_counter() - tic)
+        if not math.isfinite(record["val_loss"]):
+            history.append({"epoch": float(epoch), **record})
+            stop_reason = "diverged"
+            break
+        history.append({"epoch": float(epoch), **record})
+        if stopper.update(epoch, record) and early_stop.restore_best:
+            best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        schedule.after_epoch(record)
+        state = LoopState(
+            epochs_done=epoch + 1,
+            history=history,
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            schedule=schedule.state_dict(),
+            early_stopping=stopper.state_dict(),
+            best_model=best_model,
+            shuffle_rng=shuffle.get_state(),
+            torch_rng=torch.get_rng_state(),
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(state)
+    else:
+        if stopper.should_stop and len(history) > 0:
+            stop_reason = "early_stop"
+
+    if early_stop.restore_best and best_model is not None and stop_reason != "diverged":
+        model.load_state_dict(best_model)
+    return FitResult(
+        history=history,
+        epochs_run=len(history),
+        stop_reason=stop_reason,
+        best_epoch=stopper.best_epoch,
+        train_seconds=time.perf_counter() - started,
+    )
+
+
+def _restore(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: LRSchedule,
+    stopper: EarlyStopping,
+    shuffle: torch.Generator,
+    state: LoopState,
+) -> None:
+    assert state.model is not None and state.optimizer is not None
+    model.load_state_dict(state.model)
+    optimizer.load_state_dict(state.optimizer)
+    if state.schedule is not None:
+        schedule.load_state_dict(state.schedule)
+    if state.early_stopping is not None:
+        stopper.load_state_dict(state.early_stopping)
+    if state.shuffle_rng is not None:
+        shuffle.set_state(state.shuffle_rng)
+    if state.torch_rng is not None:
+        torch.set_rng_state(state.torch_rng)
+
+
+def _train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: LRSchedule,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    shuffle: torch.Generator,
+    batch_size: int,
+    precision: str,
+    diagnostics: bool,
+) -> tuple[dict[str, float], bool]:
+    """One pass over a fresh permutation; returns the epoch's metrics and finiteness.
+
+    loss and acc are averages over the epoch's batches as the weights move (as Keras
+    reports them), accumulated as tensors so the hot loop never syncs on .item().
+    """
+    model.train()
+    count = len(images)
+    order = torch.randperm(count, generator=shuffle)
+    loss_sum = torch.zeros(())
+    correct = torch.zeros((), dtype=torch.long)
+    grad_sums: dict[str, torch.Tensor] = {}
+    zero_sums: dict[str, torch.Tensor] = {}
+    layers = _weight_layers(model) if diagnostics else []
+    batches = 0
+    hooks = _zero_fraction_hooks(model, zero_sums) if diagnostics else nullcontext()
+    with hooks:
+        for begin in range(0, count, batch_size):
+            index = order[begin : begin + batch_size]
+            batch_images, batch_labels = images[index], labels[index]
+            with _autocast(precision):
+                logits = model(batch_images)  # [B, classes]
+                loss = nn.functional.cross_entropy(logits.float(), batch_labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for name, weight in layers:
+                if weight.grad is not None:
+                    grad_sums[name] = grad_sums.get(name, torch.zeros(())) + weight.grad.norm()
+            optimizer.step()
+            schedule.after_batch()
+            loss_sum += loss.detach() * len(index)
+            correct += (logits.detach().argmax(dim=1) == batch_labels).sum()
+            batches += 1
+    mean_loss = (loss_sum / count).item()
+    record = {"loss": mean_loss, "acc": correct.item() / count}
+    for name, total in grad_sums.items():
+        record[f"grad_norm/{name}"] = total.item() / batches
+    for name, total in zero_sums.items():
+        record[f"zero_fraction/{name}"] = total.item() / batches
+    return record, math.isfinite(mean_loss)

@@ -1,0 +1,128 @@
+"""The training loop on tiny synthetic data: early stopping, determinism, resume, divergence."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytest
+import torch
+
+from deepopt.config import EarlyStopConfig, ModelConfig, OptimConfig, ScheduleConfig
+from deepopt.models import build_model
+from deepopt.optim import build_optimizer, build_schedule
+from deepopt.training import EarlyStopping, LoopState, fit
+
+
+def _blobs(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ten Gaussian blobs in 8x8 'images': learnable in a few epochs."""
+    centers = torch.randn(10, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(count) % 10
+    images = centers[labels] + 0.8 * torch.randn(count, 1, 8, 8, generator=generator)
+    return images, labels
+
+
+def _run(
+    epochs: int = 6,
+    lr: float = 0.05,
+    early_stop: EarlyStopConfig | None = None,
+    start: LoopState | None = None,
+    stop_after: int | None = None,
+    dropout: float = 0.2,
+    diagnostics: bool = False,
+) -> tuple[Any, list[LoopState]]:
+    torch.manual_seed(0)
+    model = build_model(
+        ModelConfig(name="mlp", depth=2, width=32, dropout=dropout), image_shape=(1, 8, 8)
+    )
+    optimizer = build_optimizer(model.parameters(), OptimConfig(name="nesterov", lr=lr))
+    schedule = build_schedule(
+        optimizer, ScheduleConfig(name="inverse_time", decay=1e-2), epochs=epochs, steps_per_epoch=8
+    )
+    states: list[LoopState] = []
+
+    def on_epoch_end(state: LoopState) -> None:
+        states.append(copy.deepcopy(state))  # the loop hands out live tensors
+        if stop_after is not None and state.epochs_done == stop_after:
+            raise KeyboardInterrupt
+
+    result = fit(
+        model,
+        optimizer,
+        schedule,
+        _blobs(200, 1),
+        _blobs(100, 2),
+        epochs=epochs,
+        batch_size=25,
+        early_stop=early_stop or EarlyStopConfig(enabled=False),
+        seed=7,
+        diagnostics=diagnostics,
+        start=start,
+        on_epoch_end=on_epoch_end,
+    )
+    return result, states
+
+
+def test_same_seed_gives_identical_history() -> None:
+    first, _ = _run()
+    second, _ = _run()
+    assert first.history[-1]["val_loss"] == second.history[-1]["val_loss"]
+    assert [r["loss"] for r in first.history] == [r["loss"] for r in second.history]
+    assert first.stop_reason == "max_epochs" and first.epochs_run == 6
+    assert first.history[-1]["val_acc"] > 0.5  # it learns
+
+
+def test_interrupted_run_resumed_from_its_state_matches_an_uninterrupted_one() -> None:
+    full, _ = _run()
+    with pytest.raises(KeyboardInterrupt):
+        _run(stop_after=3)
+    _, states = _run(epochs=3)
+    resumed, _ = _run(start=LoopState.from_dict(states[-1].to_dict()))
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in full.history]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in resumed.history] == strip
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement() -> None:
+    # min_delta so large that no epoch after the first counts as an improvement.
+    config = EarlyStopConfig(monitor="val_loss", min_delta=100.0, patience=2)
+    result, _ = _run(epochs=20, early_stop=config)
+    assert result.stop_reason == "early_stop"
+    assert result.epochs_run == 3  # epoch 0 sets the best, epochs 1 and 2 wait
+    assert result.best_epoch == 0
+
+
+def test_restore_best_loads_the_best_epochs_weights() -> None:
+    config = EarlyStopConfig(monitor="val_loss", min_delta=100.0, patience=2, restore_best=True)
+    result, states = _run(epochs=20, early_stop=config)
+    best, last = states[-1].best_model, states[-1].model
+    assert best is not None and last is not None and states[0].model is not None
+    assert all(torch.equal(best[k], states[0].model[k]) for k in best)  # epoch 0's weights
+    assert not all(torch.equal(best[k], last[k]) for k in best)
+    assert result.best_epoch == 0
+
+
+def test_keras_early_stopping_semantics() -> None:
+    stopper = EarlyStopping(EarlyStopConfig(monitor="val_acc", min_delta=0.01, patience=2))
+    assert stopper.update(0, {"val_acc": 0.5})
+    assert not stopper.update(1, {"val_acc": 0.505})  # within min_delta: no improvement
+    assert not stopper.should_stop
+    assert not stopper.update(2, {"val_acc": 0.4})
+    assert stopper.should_stop and stopper.best_epoch == 0
+
+
+def test_nan_loss_ends_with_diverged() -> None:
+    result, _ = _run(lr=1e12, dropout=0.0)
+    assert result.stop_reason == "diverged"
+    assert all(math.isfinite(r["loss"]) for r in result.history)
+
+
+def test_diagnostics_record_gradient_norms_and_relu_sparsity() -> None:
+    result, _ = _run(epochs=1, diagnostics=True)
+    record = result.history[0]
+    grads = [k for k in record if k.startswith("grad_norm/")]
+    zeros = [k for k in record if k.startswith("zero_fraction/")]
+    assert len(grads) == 3 and len(zeros) == 2  # dense1, dense2, logits; act1, act2
+    assert all(record[k] > 0 for k in grads)
+    assert all(0.0 < record[k] < 1.0 for k in zeros)
