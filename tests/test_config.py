@@ -137,7 +137,7 @@ def test_experiment_with_unknown_key_names_its_path(base_params: dict[str, Any])
 
 def test_unknown_experiment_lists_the_known_ones(base_params: dict[str, Any]) -> None:
     params = parse_params(base_params)
-    with pytest.raises(ConfigError, match="experiment 'nope' is not in params.yaml"):
+    with pytest.raises(ConfigError, match=r"experiment .nope. is not in params\.yaml"):
         resolve_experiment(params, "nope")
 
 

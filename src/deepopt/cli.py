@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_stage(sub, "prepare", "read the raw IDX files, split them and write data/prepared/")
-    train = _add_stage(sub, "train", "train an experiment (default: the base config), record it in MLflow")
+    train = _add_stage(
+        sub, "train", "train an experiment (default: the base config), record it in MLflow"
+    )
     train.add_argument(
         "--experiment", metavar="NAME", help="an entry of params.yaml experiments (default: base)"
     )
@@ -58,9 +60,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
     params = load_params(args.params)
     options = {
-        key: value
-        for key, value in vars(args).items()
-        if key not in {"command", "stage", "params"}
+        key: value for key, value in vars(args).items() if key not in {"command", "stage", "params"}
     }
     return _stage(args.stage)(params, **options)
 

@@ -26,7 +26,9 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        handle, tmp_name = tempfile.mkstemp(
+            prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
+        )
     except OSError as err:
         raise DeepoptError(f"cannot write {target}: {err.strerror or err}") from None
     os.close(handle)
@@ -43,7 +45,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         raise
 
 
-def _write(target: str | Path, mode: str, write: Callable[[IO[Any]], None]) -> None:
+def _write(target: str | Path, mode: str, write: Callable[[IO[Any]], object]) -> None:
     with atomic_path(target) as tmp, open(tmp, mode) as handle:
         write(handle)
         handle.flush()

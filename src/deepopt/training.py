@@ -298,7 +298,7 @@ def _train_one_epoch(
                 logits = model(batch_images)  # [B, classes]
                 loss = nn.functional.cross_entropy(logits.float(), batch_labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             for name, weight in layers:
                 if weight.grad is not None:
                     grad_sums[name] = grad_sums.get(name, torch.zeros(())) + weight.grad.norm()

@@ -1,0 +1,324 @@
+"""The ``train`` stage: train an experiment's members, checkpoint every epoch, record in MLflow.
+
+An experiment trains ``matrix.seeds`` replicas of ``train.ensemble`` members each; every
+member is one MLflow run (run name = experiment name) and has its own checkpoint, so a
+killed stage resumes where it stopped and ends with exactly the metrics of an uninterrupted
+run. ``train_tracked`` is the one code path that trains and records a network: the tune
+stage calls it for each trial.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deepopt import paths, tracking
+from deepopt.checkpoint import checkpoint_file, load_checkpoint, save_checkpoint
+from deepopt.config import Params, RunConfig, resolve_experiment
+from deepopt.data import PreparedData, load_prepared, normalize
+from deepopt.errors import DivergedError
+from deepopt.files import write_json, write_text, write_torch
+from deepopt.models import build_model
+from deepopt.optim import build_optimizer, build_schedule
+from deepopt.training import FitResult, LoopState, fit
+
+__all__ = ["BASE_EXPERIMENT", "Member", "MemberResult", "main", "members_of", "train_tracked"]
+
+BASE_EXPERIMENT = "base"  # the name of the run config without any experiment applied
+
+
+@dataclass(frozen=True)
+class Member:
+    replica: int  # which of matrix.seeds repetitions
+    index: int  # which ensemble member within the replica
+    seed: int
+
+
+@dataclass(frozen=True)
+class MemberResult:
+    member: Member
+    run_id: str
+    fit: FitResult
+    model: nn.Module
+
+
+def members_of(config: RunConfig, replicas: int) -> list[Member]:
+    """Replica r, member k trains with seed + r * ensemble + k."""
+    size = config.train.ensemble
+    return [
+        Member(replica=r, index=k, seed=config.seed + r * size + k)
+        for r in range(replicas)
+        for k in range(size)
+    ]
+
+
+def _tensors(data: PreparedData, precision: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Normalized float images and labels, once per stage (one vectorized op per split)."""
+    memory = torch.channels_last if precision == "bf16" else torch.contiguous_format
+    return {
+        name: (
+            normalize(split.images, data.mean, data.std).contiguous(memory_format=memory),
+            split.labels,
+        )
+        for name, split in (("train", data.train), ("val", data.val))
+    }
+
+
+def _progress(label: str, epochs: int) -> Callable[[LoopState], None]:
+    """One plain line per epoch on stderr (a log under CI and DVC alike)."""
+
+    def report(state: LoopState) -> None:
+        r = state.history[-1]
+        print(
+            f"[{label}] epoch {state.epochs_done}/{epochs} loss {r['loss']:.4f} acc {r['acc']:.4f} "
+            f"val_loss {r['val_loss']:.4f} val_acc {r['val_acc']:.4f} lr {r['lr']:.3g} "
+            f"{r['seconds']:.2f}s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return report
+
+
+def train_tracked(
+    config: RunConfig,
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    data_meta: dict[str, Any],
+    experiment_id: str,
+    run_name: str,
+    member: Member,
+    checkpoint_dir: Path,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    on_epoch: Callable[[LoopState], None] | None = None,
+) -> MemberResult:
+    """Train one member with checkpoints and MLflow; raise DivergedError on NaN loss.
+
+    A checkpoint of the same config, seed and data is continued (or, when finished,
+    reused); its MLflow run is continued too, and epochs the tracking store lost to a
+    kill are logged again. ``on_epoch`` runs after the checkpoint and the logging (tune's
+    pruning hook raises from it).
+    """
+    path = checkpoint_file(checkpoint_dir, config, member.seed, data_meta["digest"])
+    saved = load_checkpoint(path)
+    previous_run = saved.get("run_id") if saved else None
+    run_id = tracking.start_run(
+        experiment_id,
+        run_name,
+        run_id=previous_run if previous_run and tracking.run_exists(previous_run) else None,
+        parent_run_id=parent_run_id,
+        tags={
+            **(tags or {}),
+            "seed": str(member.seed),
+            "member": str(member.index),
+            "replica": str(member.replica),
+        },
+    )
+    tracking.log_params(run_id, {**config.model_dump(mode="json"), "seed": member.seed})
+    start = LoopState.from_dict(saved["loop"]) if saved else None
+    if start is not None:
+        _relog_missing_epochs(run_id, start.history)
+
+    torch.manual_seed(member.seed)  # weight init
+    image_shape = tuple(tensors["train"][0].shape[1:])
+    model = build_model(config.model, image_shape=image_shape, num_classes=data_meta["num_classes"])  # type: ignore[arg-type]
+    if config.train.precision == "bf16":
+        model = model.to(memory_format=torch.channels_last)  # bf16 without it is ~30x slower here
+    optimizer = build_optimizer(model.parameters(), config.optim)
+    steps_per_epoch = -(-len(tensors["train"][0]) // config.train.batch_size)
+    schedule = build_schedule(
+        optimizer, config.schedule, epochs=config.train.epochs, steps_per_epoch=steps_per_epoch
+    )
+
+    progress = _progress(f"{run_name} seed {member.seed}", config.train.epochs)
+
+    def after_epoch(state: LoopState) -> None:
+        save_checkpoint(path, {"loop": state.to_dict(), "run_id": run_id, "finished": False})
+        record = state.history[-1]
+        tracking.log_epoch(
+            run_id, state.epochs_done - 1, {k: v for k, v in record.items() if k != "epoch"}
+        )
+        progress(state)
+        if on_epoch is not None:
+            on_epoch(state)
+
+    with tracking.ending_run(run_id):
+        result = fit(
+            model,
+            optimizer,
+            schedule,
+            tensors["train"],
+            tensors["val"],
+            epochs=config.train.epochs,
+            batch_size=config.train.batch_size,
+            early_stop=config.early_stop,
+            seed=member.seed,
+            eval_batch_size=config.train.eval_batch_size,
+            precision=config.train.precision,
+            diagnostics=config.train.diagnostics,
+            start=start,
+            on_epoch_end=after_epoch,
+        )
+        if result.stop_reason == "diverged":
+            reason = f"loss became NaN/inf in epoch {result.epochs_run + 1}"
+            tracking.set_tags(run_id, {"stop_reason": "diverged"})
+            tracking.end_run(run_id, "FAILED", reason=reason)
+            raise DivergedError(
+                f"{run_name} (seed {member.seed}) diverged: {reason}; try a lower optim.lr"
+            )
+        _log_run_end(run_id, config, model, result, tensors["val"][0][:5])
+        save_checkpoint(
+            path, {"loop": _final_state(result, model), "run_id": run_id, "finished": True}
+        )
+    return MemberResult(member=member, run_id=run_id, fit=result, model=model)
+
+
+def _final_state(result: FitResult, model: nn.Module) -> dict[str, Any]:
+    return LoopState(
+        epochs_done=result.epochs_run, history=result.history, model=model.state_dict()
+    ).to_dict()
+
+
+def _relog_missing_epochs(run_id: str, history: list[dict[str, float]]) -> None:
+    logged = tracking.logged_epochs(run_id, "val_loss")
+    for record in history:
+        if int(record["epoch"]) not in logged:
+            tracking.log_epoch(
+                run_id, int(record["epoch"]), {k: v for k, v in record.items() if k != "epoch"}
+            )
+
+
+def _log_run_end(
+    run_id: str, config: RunConfig, model: nn.Module, result: FitResult, example: torch.Tensor
+) -> None:
+    from deepopt.plots import plot_history, plt
+
+    summary = {
+        "epochs_run": result.epochs_run,
+        "stop_reason": result.stop_reason,
+        "best_epoch": result.best_epoch,
+    }
+    tracking.set_tags(run_id, {k: str(v) for k, v in summary.items()})
+    tracking.log_metrics(
+        run_id, {"epochs_run": result.epochs_run, "train_seconds": result.train_seconds}
+    )
+    figure = plot_history(
+        result.history, title=f"{config.model.name} / {config.optim.name} / {config.schedule.name}"
+    )
+    tracking.log_figure(run_id, figure, "history.png")
+    plt.close(figure)
+    tracking.log_dict(run_id, config.model_dump(mode="json"), "config.json")
+    if config.mlflow.log_model:
+        tracking.log_model(run_id, model.float().eval(), example.float().numpy())
+    tracking.end_run(run_id, "FINISHED")
+
+
+def history_csv(history: list[dict[str, float]]) -> str:
+    """The per-epoch history as CSV, for `dvc plots show`."""
+    columns = ["epoch", "loss", "acc", "val_loss", "val_acc", "lr", "seconds"]
+    extra = sorted({k for record in history for k in record} - set(columns))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns + extra, lineterminator="\n")
+    writer.writeheader()
+    for record in history:
+        writer.writerow({**record, "epoch": int(record["epoch"])})
+    return buffer.getvalue()
+
+
+def _summary(results: list[MemberResult]) -> dict[str, Any]:
+    runs = []
+    for result in results:
+        history = result.fit.history
+        runs.append(
+            {
+                "seed": result.member.seed,
+                "epochs_run": result.fit.epochs_run,
+                "stop_reason": result.fit.stop_reason,
+                "best_val_acc": max(r["val_acc"] for r in history),
+                "best_val_loss": min(r["val_loss"] for r in history),
+                "final_val_acc": history[-1]["val_acc"],
+                "final_val_loss": history[-1]["val_loss"],
+                "train_seconds": sum(r["seconds"] for r in history),
+            }
+        )
+    first = runs[0]
+    return {**first, "runs": runs} if len(runs) > 1 else first
+
+
+def main(params: Params, experiment: str | None = None, **_: object) -> dict[str, Any]:
+    name = experiment or BASE_EXPERIMENT
+    config = resolve_experiment(params, experiment)
+    data = load_prepared(config.data, config.seed)
+    torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
+    tensors = _tensors(data, config.train.precision)
+    tracking.configure()
+    experiment_id = tracking.ensure_experiment(config.mlflow.experiment)
+    tags = {**tracking.run_tags(dataset=config.data.name, meta=data.meta), "experiment": name}
+    if params.experiments:
+        tags["matrix"] = config.mlflow.experiment
+    results = [
+        train_tracked(
+            config,
+            tensors,
+            data_meta=data.meta,
+            experiment_id=experiment_id,
+            run_name=name,
+            member=member,
+            checkpoint_dir=paths.checkpoint_dir(config.train.checkpoint_dir, name),
+            tags=tags,
+        )
+        for member in members_of(config, params.matrix.seeds)
+    ]
+    model_file = paths.model_path(name)
+    write_torch(
+        model_file,
+        {
+            "experiment": name,
+            "model_config": config.model.model_dump(mode="json"),
+            "image_shape": list(tensors["train"][0].shape[1:]),
+            "num_classes": data.num_classes,
+            "members": [
+                {
+                    "seed": r.member.seed,
+                    "replica": r.member.replica,
+                    "index": r.member.index,
+                    "state_dict": r.model.state_dict(),
+                }
+                for r in results
+            ],
+        },
+    )
+    write_json(
+        paths.run_info_path(name),
+        {
+            "experiment": name,
+            "mlflow_experiment_id": experiment_id,
+            "runs": [
+                {
+                    "seed": r.member.seed,
+                    "replica": r.member.replica,
+                    "index": r.member.index,
+                    "run_id": r.run_id,
+                }
+                for r in results
+            ],
+        },
+    )
+    summary = _summary(results)
+    write_json(paths.train_metrics_path(name), summary)
+    write_text(paths.history_path(name), history_csv(results[0].fit.history))
+    return {
+        "experiment": name,
+        "model": str(model_file),
+        **{k: v for k, v in summary.items() if k != "runs"},
+    }
