@@ -38,7 +38,7 @@ def _add_stage(
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepopt",
-        description="Reproducible experiments of the deep-learning lecture (run from the repo root).",
+        description="Reproducible experiments of a deep-learning lecture (run from the repo root).",
     )
     parser.add_argument("--version", action="version", version=f"deepopt {__version__}")
     parser.add_argument(
