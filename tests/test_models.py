@@ -175,3 +175,17 @@ def test_custom_class_count() -> None:
 def test_bad_image_shape_is_a_data_error(image_shape: tuple[int, int, int]) -> None:
     with pytest.raises(DataError, match="image shape"):
         build_model(ModelConfig(), image_shape=image_shape)
+
+
+def test_keras_init_is_glorot_uniform_with_zero_biases() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="mlp", depth=2, width=64, batchnorm=False))
+    first = model.dense1  # 784 -> 64
+    bound = math.sqrt(6.0 / (784 + 64))
+    assert float(first.weight.abs().max()) <= bound
+    assert float(first.weight.abs().max()) > 0.9 * bound  # fills the Glorot range
+    assert torch.count_nonzero(first.bias) == 0
+    torch_init = build_model(
+        ModelConfig(name="mlp", depth=2, width=64, batchnorm=False, init="torch")
+    )
+    assert torch.count_nonzero(torch_init.dense1.bias) > 0

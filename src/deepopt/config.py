@@ -73,6 +73,9 @@ class ModelConfig(_Strict):
     batchnorm: bool = True
     activation: Activation = "relu"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # after each hidden block
+    # keras: Glorot-uniform weights and zero biases, the defaults of the lecture's Keras
+    # layers; torch: PyTorch's defaults (Kaiming-uniform with a=sqrt(5)).
+    init: Literal["keras", "torch"] = "keras"
     # lecture_cnn: channels of the three 5x5 convolutions and units of the hidden dense layer.
     conv_channels: tuple[int, int, int] = (10, 40, 80)
     dense_units: int = Field(50, ge=1)

@@ -226,7 +226,8 @@ def _log_run_end(
 def history_csv(history: list[dict[str, float]]) -> str:
     """The per-epoch history as CSV, for `dvc plots show`."""
     columns = ["epoch", "loss", "acc", "val_loss", "val_acc", "lr", "seconds"]
-    extra = sorted({k for record in history for k in record} - set(columns))
+    # Diagnostics columns in forward (layer) order, as the loop recorded them.
+    extra = [k for k in dict.fromkeys(k for record in history for k in record) if k not in columns]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns + extra, lineterminator="\n")
     writer.writeheader()
