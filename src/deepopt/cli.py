@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--experiment", metavar="NAME", help="an entry of params.yaml experiments (default: base)"
     )
+    _add_stage(sub, "report", "write reports/lecture.md and its plots from metrics/ and plots/")
     return parser
 
 
