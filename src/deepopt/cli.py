@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -52,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--experiment", metavar="NAME", help="an entry of params.yaml experiments (default: base)"
     )
+    evaluate = _add_stage(
+        sub, "evaluate", "test-set metrics and plots of a trained experiment, into its MLflow run"
+    )
+    evaluate.add_argument(
+        "--experiment", metavar="NAME", help="an entry of params.yaml experiments (default: base)"
+    )
     _add_stage(sub, "report", "write reports/lecture.md and its plots from metrics/ and plots/")
     return parser
 
@@ -76,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    # MLflow's INFO lines (database creation, migrations) would bury our one-line errors.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
     try:
         summary = _run(args)
     except DeepoptError as err:

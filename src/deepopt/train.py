@@ -125,6 +125,15 @@ def train_tracked(
         },
     )
     tracking.log_params(run_id, {**config.model_dump(mode="json"), "seed": member.seed})
+    images, labels = tensors["train"]
+    tracking.log_dataset(
+        run_id,
+        f"{config.data.name}-train",
+        images.numpy(),
+        labels.numpy(),
+        source=str(paths.prepared_split_path("train")),
+        digest=data_meta["digest"][:36],
+    )
     start = LoopState.from_dict(saved["loop"]) if saved else None
     if start is not None:
         _relog_missing_epochs(run_id, start.history)
