@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +45,16 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about an unusual pickle protocol before refusing it: our one line
+            # says it all.
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if first_line.startswith("Weights only load failed"):
+            # torch's text goes on to suggest weights_only=False: exactly what must not happen.
+            first_line = "it holds objects other than tensors and plain data; refused unread"
         raise DataError(
             f"{path}: not a loadable checkpoint ({first_line}); delete it to start this run anew"
         ) from None

@@ -344,7 +344,7 @@ def locate_raw(
     downloaded = own / DATASETS[name].torchvision_class / "raw"
     why = "download disabled"
     if download:
-        created = [d for d in (downloaded, downloaded.parent, own, own.parent) if not d.exists()]
+        created = [d for d in (downloaded, *downloaded.parents) if not d.exists()]
         try:
             if find_idx_files(downloaded) is None:
                 _download_torchvision(name, own)
@@ -561,7 +561,10 @@ def load_split(path: Path) -> Split:
     except FileNotFoundError:
         raise DataError(f"{path}: prepared data is missing; {_RERUN}") from None
     except Exception as err:  # torch raises several types for a corrupt archive
-        raise DataError(f"{path}: cannot be loaded ({_one_line(err)}); {_RERUN}") from None
+        problem = _one_line(err)
+        if "Weights only load failed" in problem:  # torch's text suggests the unsafe way out
+            problem = "it holds objects other than tensors and plain data; refused unread"
+        raise DataError(f"{path}: cannot be loaded ({problem}); {_RERUN}") from None
     images = content.get("images") if isinstance(content, dict) else None
     labels = content.get("labels") if isinstance(content, dict) else None
     if (

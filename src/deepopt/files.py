@@ -17,7 +17,32 @@ from typing import IO, Any
 
 from deepopt.errors import DeepoptError
 
-__all__ = ["atomic_path", "write_bytes", "write_json", "write_text", "write_torch"]
+__all__ = [
+    "atomic_path",
+    "check_writable",
+    "write_bytes",
+    "write_json",
+    "write_text",
+    "write_torch",
+]
+
+
+def check_writable(*targets: str | Path) -> None:
+    """Refuse, before a stage does any work, outputs that could not be written: the target
+    is a folder, or the nearest existing folder above it is a file or not writable.
+
+    Checks only (nothing is created), so a stage that cannot finish fails at once instead
+    of after training, and leaves no MLflow run or checkpoint behind.
+    """
+    for target in map(Path, targets):
+        if target.is_dir():
+            raise DeepoptError(f"cannot write {target}: it is a folder")
+        # Path.exists() is False below a file ("models/small" when "models" is a file).
+        existing = next(p for p in (target.parent, *target.parent.parents) if p.exists())
+        if not existing.is_dir():
+            raise DeepoptError(f"cannot write {target}: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise DeepoptError(f"cannot write {target}: folder {existing} is not writable")
 
 
 @contextmanager

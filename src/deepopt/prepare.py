@@ -11,8 +11,10 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from deepopt import paths
 from deepopt.config import Params
 from deepopt.data import (
+    SPLITS,
     Split,
     build_meta,
     file_sha256,
@@ -22,12 +24,14 @@ from deepopt.data import (
     stratified_split,
     write_prepared,
 )
+from deepopt.files import check_writable
 
 __all__ = ["main"]
 
 
 def main(params: Params, **_: object) -> dict[str, Any]:
     data = params.data
+    check_writable(*(paths.prepared_split_path(name) for name in SPLITS), paths.meta_path())
     source = locate_raw(data.name, Path(data.root))
     raw = read_raw(source)
     train_idx, val_idx = stratified_split(

@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from deepopt import paths
 from deepopt.config import Params
 from deepopt.errors import DataError
-from deepopt.files import write_bytes, write_text
+from deepopt.files import check_writable, write_bytes, write_text
 
 __all__ = [
     "BEST_EXPERIMENT",
@@ -626,6 +626,7 @@ def png_bytes(build: Callable[[], Figure]) -> bytes:
 
 
 def main(params: Params, **_: object) -> dict[str, Any]:
+    check_writable(REPORT_DIR / REPORT_FILE, *(REPORT_DIR / name for name in PLOT_FILES.values()))
     names = experiment_names(params)
     results = [load_experiment(name) for name in names]
     meta = _read_json(paths.meta_path(), "prepare")
