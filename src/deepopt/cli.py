@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--experiment", metavar="NAME", help="an entry of params.yaml experiments (default: base)"
     )
+    train.add_argument(
+        "--overrides",
+        metavar="FILE",
+        type=Path,
+        help="YAML overrides applied on top (e.g. params/best.yaml); with it, a NAME that is "
+        "not an experiment only names the outputs and the base config is used",
+    )
     evaluate = _add_stage(
         sub, "evaluate", "test-set metrics and plots of a trained experiment, into its MLflow run"
     )
@@ -61,7 +68,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--experiment", metavar="NAME", help="an entry of params.yaml experiments (default: base)"
     )
     _add_stage(sub, "report", "write reports/lecture.md and its plots from metrics/ and plots/")
+    _add_tune(sub)
     return parser
+
+
+def _add_tune(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    tune = _add_stage(
+        sub, "tune", "run (or resume) the Optuna study of params.yaml tune; write params/best.yaml"
+    )
+    tune.add_argument(
+        "--worker",
+        action="store_true",
+        help="only run trials of the study (another session writes best.yaml)",
+    )
+    tune.add_argument("--storage", metavar="URL", help="Optuna storage (default: tune.storage)")
+    tune.add_argument(
+        "--n-trials", type=int, metavar="N", help="finished trials the study should hold"
+    )
+    tune.add_argument("--study-name", metavar="NAME", help="default: tune.study_name or derived")
+    # Set by the session that starts the workers.
+    tune.add_argument("--parent-run", help=argparse.SUPPRESS)
+    tune.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    tune.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+    tune.add_argument("--session-pid", type=int, help=argparse.SUPPRESS)
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:

@@ -27,6 +27,7 @@ __all__ = [
     "DATASET_NAMES",
     "OPTIMIZER_NAMES",
     "SCHEDULE_NAMES",
+    "STORAGE_SCHEMES",
     "DataConfig",
     "EarlyStopConfig",
     "MatrixConfig",
@@ -36,8 +37,14 @@ __all__ = [
     "Params",
     "RunConfig",
     "ScheduleConfig",
+    "SearchRange",
     "TrainConfig",
+    "TuneConfig",
+    "TuneSpace",
+    "apply_overrides",
+    "check_storage_url",
     "config_hash",
+    "load_overrides",
     "load_params",
     "parse_params",
     "resolve_experiment",
@@ -205,6 +212,9 @@ class TrainConfig(_Strict):
     # and the fraction of zero ReLU outputs per layer (sparsity).
     diagnostics: bool = False
     checkpoint_dir: str = "checkpoints"  # outside every DVC out, so repro never deletes it
+    # train+val: the final fit of a tuned config also learns from the validation split
+    # (its val_* metrics are then not held out; the test split still is).
+    fit_on: Literal["train", "train+val"] = "train"
 
 
 class MlflowConfig(_Strict):
@@ -214,6 +224,182 @@ class MlflowConfig(_Strict):
 
 class MatrixConfig(_Strict):
     seeds: int = Field(1, ge=1)  # every experiment repeated over seed, seed+1, ...
+
+
+class SearchRange(_Strict):
+    """A searched number: uniform in [low, high]; log-uniform with ``log``; ``step`` a grid."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+
+# The SQLAlchemy dialects Optuna's RDBStorage takes (optionally with +driver), and journal:
+# a JournalFileBackend log file (journal:///relative.log, journal:////absolute.log).
+SQL_DIALECTS = ("sqlite", "postgresql", "mysql", "mariadb", "oracle", "mssql")
+STORAGE_SCHEMES: tuple[str, ...] = (*SQL_DIALECTS, "journal")
+
+
+def check_storage_url(url: str, key: str = "tune.storage") -> str:
+    """The URL's scheme (without +driver) if deepopt can open it; ValueError naming ``key``."""
+    scheme, sep, rest = url.partition("://")
+    dialect = scheme.split("+", 1)[0].lower()
+    if not sep or dialect not in STORAGE_SCHEMES or (dialect == "journal" and scheme != dialect):
+        raise ValueError(
+            f"{key}: {url!r} has an unknown scheme '{scheme}'; allowed: "
+            f"{', '.join(SQL_DIALECTS)} (SQLAlchemy URLs, e.g. sqlite:///optuna.db) "
+            "or journal (journal:///FILE.log)"
+        )
+    if dialect in ("sqlite", "journal") and not rest.lstrip("/"):
+        raise ValueError(f"{key}: {url!r} names no file; e.g. {dialect}:///optuna.db")
+    return dialect
+
+
+def _int_field(model: type[BaseModel], key: str) -> bool:
+    return int in get_args(model.model_fields[key].annotation)
+
+
+def _searchable_knobs(schedule: str) -> list[str]:
+    """The numeric knobs of a schedule (plateau's monitor is not a number to search)."""
+    return [
+        key
+        for key in SCHEDULE_KNOBS[schedule]
+        if {int, float} & set(get_args(ScheduleConfig.model_fields[key].annotation))
+    ]
+
+
+def _check_range(
+    path: str, bounds: SearchRange, model: type[BaseModel], key: str, fixed: dict[str, Any]
+) -> None:
+    """Both ends of a range must be values the target field accepts."""
+    if not bounds.low < bounds.high:
+        raise ValueError(f"{path}: low {bounds.low:g} must be < high {bounds.high:g}")
+    if bounds.log and bounds.low <= 0:
+        raise ValueError(f"{path}: a log range needs low > 0, got low {bounds.low:g}")
+    if bounds.step is not None and (bounds.log or bounds.step <= 0):
+        raise ValueError(f"{path}: step must be > 0 and cannot be combined with log")
+    section = "optim" if model is OptimConfig else "schedule"
+    for end, value in (("low", bounds.low), ("high", bounds.high), ("step", bounds.step)):
+        if value is None:
+            continue
+        if _int_field(model, key) and value != int(value):
+            raise ValueError(f"{path}: {end} {value:g} must be a whole number ({section}.{key})")
+        if end == "step":
+            continue
+        try:
+            model.model_validate({**fixed, key: value})
+        except ValidationError as err:
+            reason = str(err.errors()[0]["msg"]).removeprefix("Value error, ")
+            raise ValueError(
+                f"{path}: {end} {value:g} is not a valid {section}.{key} ({reason})"
+            ) from None
+
+
+class TuneSpace(_Strict):
+    """The search space. A schedule's knobs are searched only when that schedule is drawn."""
+
+    lr: SearchRange = SearchRange(low=0.005, high=0.2, log=True)
+    # Searched when the drawn optimizer takes momentum (momentum, nesterov, rmsprop).
+    momentum: SearchRange | None = SearchRange(low=0.5, high=0.98)
+    # true: draw optim.name from momentum | nesterov (when `optimizer` is not searched).
+    nesterov: bool = True
+    optimizer: list[OptimizerName] | None = Field(None, min_length=1)
+    weight_decay: SearchRange | None = None
+    # schedule name -> its knobs to search ({} = the knobs' defaults); null = keep schedule.*.
+    schedule: dict[str, dict[str, SearchRange]] | None = Field(
+        default_factory=lambda: {
+            "constant": {},
+            "linear": {"final_lr": SearchRange(low=1e-5, high=5e-3, log=True)},
+            "inverse_time": {"decay": SearchRange(low=1e-5, high=1e-2, log=True)},
+            "plateau": {
+                "factor": SearchRange(low=0.1, high=0.5),
+                "patience": SearchRange(low=1, high=4),
+            },
+            "cosine": {"warmup_epochs": SearchRange(low=0, high=2)},
+        }
+    )
+
+    @model_validator(mode="after")
+    def _ranges(self) -> TuneSpace:
+        where = "tune.space"
+        _check_range(f"{where}.lr", self.lr, OptimConfig, "lr", {})
+        if self.momentum is not None:
+            fixed = {"name": "momentum"}
+            _check_range(f"{where}.momentum", self.momentum, OptimConfig, "momentum", fixed)
+        if self.weight_decay is not None:
+            _check_range(
+                f"{where}.weight_decay", self.weight_decay, OptimConfig, "weight_decay", {}
+            )
+        if self.optimizer is not None and self.nesterov:
+            raise ValueError(
+                f"{where}.nesterov: set it to false when {where}.optimizer is searched "
+                "(list momentum and/or nesterov among the optimizers instead)"
+            )
+        if self.schedule is None:
+            return self
+        if not self.schedule:
+            raise ValueError(f"{where}.schedule: empty; list at least one schedule or use null")
+        for name, knobs in self.schedule.items():
+            if name not in SCHEDULE_KNOBS:
+                close = difflib.get_close_matches(name, SCHEDULE_NAMES, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ValueError(
+                    f"{where}.schedule.{name}: unknown schedule{hint}; allowed: "
+                    f"{', '.join(SCHEDULE_NAMES)}"
+                )
+            allowed = _searchable_knobs(name)
+            for key, bounds in knobs.items():
+                path = f"{where}.schedule.{name}.{key}"
+                if key not in allowed:
+                    raise ValueError(
+                        f"{path}: not a searchable knob of schedule '{name}'; allowed: "
+                        f"{', '.join(allowed) or 'none'}"
+                    )
+                _check_range(path, bounds, ScheduleConfig, key, {"name": name})
+        return self
+
+
+class TuneConfig(_Strict):
+    """The ``tune`` stage: an Optuna study over ``space`` starting from one experiment."""
+
+    experiment: str | None = None  # an entry of experiments to start from; null = the base
+    # Finished (complete + pruned) trials the study should hold; a resumed study runs the rest.
+    n_trials: int = Field(30, ge=1)
+    epochs: int = Field(15, ge=1)  # per trial (train.epochs of the trials)
+    timeout: float | None = Field(None, gt=0.0)  # seconds per session; null = no limit
+    # Worker processes sharing the study, each with cores/workers torch threads.
+    workers: int = Field(2, ge=1)
+    storage: str = "sqlite:///optuna.db"  # relative paths: from the folder deepopt runs in
+    study_name: str | None = None  # null: <experiment>-<hash of space, data and config>
+    sampler_seed: int | None = None  # null = seed
+    startup_trials: int = Field(10, ge=0)  # random trials before TPE models the results
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    pruner_startup_trials: int = Field(5, ge=0)  # median: trials finished before it prunes
+    pruner_warmup_epochs: int = Field(3, ge=0)  # median: epochs never pruned; hyperband: min
+    precision: Literal["fp32", "bf16"] | None = None  # of the trials; null = train.precision
+    # Seconds between a running trial's heartbeats (SQL storages), and without one for
+    # heartbeat_grace seconds the trial is failed and queued again.
+    heartbeat_interval: int = Field(5, ge=1)
+    heartbeat_grace: int = Field(20, ge=2)
+    final_fit: Literal["train", "train+val"] = "train"  # what train_best learns from
+    space: TuneSpace = TuneSpace()
+
+    @model_validator(mode="after")
+    def _check(self) -> TuneConfig:
+        check_storage_url(self.storage)
+        warmup = (self.space.schedule or {}).get("cosine", {}).get("warmup_epochs")
+        if warmup is not None and warmup.high >= self.epochs:
+            raise ValueError(
+                f"tune.space.schedule.cosine.warmup_epochs: high {warmup.high:g} must be less "
+                f"than tune.epochs ({self.epochs}) so the cosine phase has at least one epoch"
+            )
+        if self.heartbeat_grace <= self.heartbeat_interval:
+            raise ValueError(
+                f"tune.heartbeat_grace: {self.heartbeat_grace} s must be more than "
+                f"tune.heartbeat_interval ({self.heartbeat_interval} s)"
+            )
+        return self
 
 
 class RunConfig(_Strict):
@@ -238,11 +424,18 @@ class Params(RunConfig):
     matrix: MatrixConfig = MatrixConfig()
     # name -> overrides of the base run config (any key of the sections above but data).
     experiments: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    tune: TuneConfig = TuneConfig()
 
     @model_validator(mode="after")
     def _experiments_resolve(self) -> Params:
         for name in self.experiments:
             resolve_experiment(self, name)
+        if self.tune.experiment is not None and self.tune.experiment not in self.experiments:
+            known = ", ".join(sorted(self.experiments)) or "none defined"
+            raise ValueError(
+                f"tune.experiment: '{self.tune.experiment}' is not in experiments ({known}); "
+                "use null for the base config"
+            )
         return self
 
     def base_run(self) -> RunConfig:
@@ -261,10 +454,10 @@ def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, An
     return merged
 
 
-def _raw_run_dict(params: Params) -> dict[str, Any]:
-    """The base run config as plain data, with the knob defaults of the base variants
-    removed so that an experiment switching optimizer/schedule does not inherit them."""
-    raw = params.base_run().model_dump(mode="json")
+def _raw_run_dict(config: RunConfig) -> dict[str, Any]:
+    """A run config as plain data, with the knob defaults of its variants removed so that
+    overrides switching optimizer/schedule do not inherit them."""
+    raw = config.model_dump(mode="json")
     for section, table in (("optim", OPTIMIZER_KNOBS), ("schedule", SCHEDULE_KNOBS)):
         for knobs in table.values():
             for key in knobs:
@@ -285,18 +478,46 @@ def resolve_experiment(params: Params, name: str | None) -> RunConfig:
             f"experiments.{name}.data: experiments share the prepared data; "
             "change data.* at the top level instead"
         )
-    base = _raw_run_dict(params)
-    # An experiment that names a new optimizer/schedule gets that variant's defaults,
-    # not the base's knobs; one that keeps the name keeps the base's knobs.
+    return apply_overrides(params.base_run(), overrides, prefix=f"experiments.{name}")
+
+
+def apply_overrides(config: RunConfig, overrides: dict[str, Any], prefix: str = "") -> RunConfig:
+    """``config`` with nested ``overrides`` (params.yaml's shape) applied and validated.
+
+    Overrides that name a new optimizer/schedule get that variant's defaults, not the
+    old variant's knobs; overrides that keep the name keep its knobs. Problems are one-line
+    ConfigErrors whose key paths start with ``prefix``.
+    """
+    base = _raw_run_dict(config)
     for section in ("optim", "schedule"):
         section_overrides = overrides.get(section, {})
         if isinstance(section_overrides, dict) and "name" not in section_overrides:
-            base[section] = getattr(params, section).model_dump(mode="json")
+            base[section] = getattr(config, section).model_dump(mode="json")
     merged = _deep_merge(base, overrides)
     try:
         return RunConfig.model_validate(merged)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, RunConfig, f"experiments.{name}")) from None
+        raise ConfigError(_format_validation_error(err, RunConfig, prefix)) from None
+
+
+def load_overrides(path: str | Path) -> dict[str, Any]:
+    """A YAML file of run-config overrides (e.g. params/best.yaml); one-line ConfigErrors."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: overrides file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot be read: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: YAML syntax error: {' '.join(str(err).split())}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    if "data" in raw:
+        raise ConfigError(f"{path}: data: overrides share the prepared data; change data.* instead")
+    return raw
 
 
 def config_hash(config: BaseModel, length: int = 12) -> str:

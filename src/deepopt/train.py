@@ -23,15 +23,30 @@ from torch import nn
 
 from deepopt import paths, tracking
 from deepopt.checkpoint import checkpoint_file, load_checkpoint, save_checkpoint
-from deepopt.config import Params, RunConfig, resolve_experiment
+from deepopt.config import (
+    Params,
+    RunConfig,
+    apply_overrides,
+    load_overrides,
+    resolve_experiment,
+)
 from deepopt.data import PreparedData, load_prepared, normalize
-from deepopt.errors import DivergedError
+from deepopt.errors import ConfigError, DivergedError
 from deepopt.files import write_json, write_text, write_torch
 from deepopt.models import build_model
 from deepopt.optim import build_optimizer, build_schedule
 from deepopt.training import FitResult, LoopState, fit
 
-__all__ = ["BASE_EXPERIMENT", "Member", "MemberResult", "main", "members_of", "train_tracked"]
+__all__ = [
+    "BASE_EXPERIMENT",
+    "Member",
+    "MemberResult",
+    "main",
+    "members_of",
+    "run_config",
+    "split_tensors",
+    "train_tracked",
+]
 
 BASE_EXPERIMENT = "base"  # the name of the run config without any experiment applied
 
@@ -61,16 +76,27 @@ def members_of(config: RunConfig, replicas: int) -> list[Member]:
     ]
 
 
-def _tensors(data: PreparedData, precision: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Normalized float images and labels, once per stage (one vectorized op per split)."""
+def split_tensors(
+    data: PreparedData, precision: str, fit_on: str = "train"
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Normalized float images and labels, once per stage (one vectorized op per split).
+
+    With ``fit_on="train+val"`` the validation images are appended to "train"; "val" stays
+    for the per-epoch report, which is then no longer a held-out measurement.
+    """
     memory = torch.channels_last if precision == "bf16" else torch.contiguous_format
-    return {
+    tensors = {
         name: (
             normalize(split.images, data.mean, data.std).contiguous(memory_format=memory),
             split.labels,
         )
         for name, split in (("train", data.train), ("val", data.val))
     }
+    if fit_on == "train+val":
+        (train_x, train_y), (val_x, val_y) = tensors["train"], tensors["val"]
+        merged = torch.cat([train_x, val_x]).contiguous(memory_format=memory)
+        tensors["train"] = (merged, torch.cat([train_y, val_y]))
+    return tensors
 
 
 def _progress(label: str, epochs: int) -> Callable[[LoopState], None]:
@@ -265,15 +291,44 @@ def _summary(results: list[MemberResult]) -> dict[str, Any]:
     return {**first, "runs": runs} if len(runs) > 1 else first
 
 
-def main(params: Params, experiment: str | None = None, **_: object) -> dict[str, Any]:
-    name = experiment or BASE_EXPERIMENT
-    config = resolve_experiment(params, experiment)
+def run_config(params: Params, experiment: str | None, overrides: Path | None) -> RunConfig:
+    """The experiment's config with an overrides file (e.g. params/best.yaml) on top.
+
+    With a file, an ``experiment`` that params.yaml does not define only names the outputs
+    and the file applies to the base config.
+    """
+    if overrides is None:
+        return resolve_experiment(params, experiment)
+    start = (
+        resolve_experiment(params, experiment)
+        if experiment in params.experiments
+        else params.base_run()
+    )
+    changes = load_overrides(overrides)
+    try:
+        return apply_overrides(start, changes)
+    except ConfigError as err:
+        raise ConfigError(f"{overrides}: {err}") from None
+
+
+def main(
+    params: Params,
+    experiment: str | None = None,
+    overrides: Path | None = None,
+    **_: object,
+) -> dict[str, Any]:
+    name = experiment or (Path(overrides).stem if overrides else BASE_EXPERIMENT)
+    config = run_config(params, experiment, overrides)
     data = load_prepared(config.data, config.seed)
     torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
-    tensors = _tensors(data, config.train.precision)
+    tensors = split_tensors(data, config.train.precision, config.train.fit_on)
     tracking.configure()
     experiment_id = tracking.ensure_experiment(config.mlflow.experiment)
-    tags = {**tracking.run_tags(dataset=config.data.name, meta=data.meta), "experiment": name}
+    tags = {
+        **tracking.run_tags(dataset=config.data.name, meta=data.meta),
+        "experiment": name,
+        "fit_on": config.train.fit_on,
+    }
     if params.experiments:
         tags["matrix"] = config.mlflow.experiment
     results = [
