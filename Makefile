@@ -34,6 +34,23 @@ fashion-mnist:
 	  echo "note: apt-get is not available; put the Fashion-MNIST IDX files in data/raw/fashion-mnist/"; \
 	fi
 
+# PostgreSQL's server binaries (Debian's `postgresql`), for the tests of Optuna and MLflow on
+# a database server: tests/services.py starts a throwaway server on 127.0.0.1 from them.
+.PHONY: postgresql
+postgresql:
+	@if ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's postgresql (server binaries for the tests)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; \
+	else \
+	  echo "note: apt-get is not available; install PostgreSQL for the database tests"; \
+	fi
+
+repro: setup
+	$(BIN)/dvc repro
+
 repro: setup
 	$(BIN)/dvc repro
 
@@ -42,11 +59,31 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
-test: setup lint
+test: setup lint postgresql
 	$(BIN)/pytest
 
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host $(UI_HOST) --port $(UI_PORT)
+
+# A tracking server for runs from other machines (MLFLOW_TRACKING_URI=http://HOST:PORT):
+# the same sqlite store as the local runs (or MLFLOW_BACKEND_STORE=postgresql://...), and
+# artifacts uploaded through the server into MLFLOW_ARTIFACTS. Loopback only unless
+# MLFLOW_HOST says otherwise (then also pass --allowed-hosts via MLFLOW_SERVER_OPTS).
+# MLflow's job runner (GenAI jobs, a dozen extra processes) is off unless MLFLOW_JOBS=true.
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
+MLFLOW_BACKEND_STORE ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
+MLFLOW_ARTIFACTS ?= $(CURDIR)/mlruns/artifacts
+MLFLOW_SERVER_OPTS ?= --workers 1
+MLFLOW_JOBS ?= false
+
+.PHONY: mlflow-server
+mlflow-server: $(STAMP)
+	mkdir -p $(MLFLOW_ARTIFACTS)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=$(MLFLOW_JOBS) exec $(BIN)/mlflow server \
+	  --backend-store-uri $(MLFLOW_BACKEND_STORE) \
+	  --artifacts-destination $(MLFLOW_ARTIFACTS) --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \
+	  $(MLFLOW_SERVER_OPTS)
 
 clean:
 	rm -rf data/prepared models metrics plots reports params checkpoints

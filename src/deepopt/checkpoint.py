@@ -25,13 +25,24 @@ from deepopt.files import write_torch
 __all__ = ["checkpoint_file", "load_checkpoint", "save_checkpoint"]
 
 
-def checkpoint_file(folder: Path, config: RunConfig, seed: int, data_digest: str) -> Path:
-    """The checkpoint path of one member: <folder>/<hash of config, seed, data>.pt."""
+def checkpoint_file(
+    folder: Path, config: RunConfig, seed: int, data_digest: str, world_size: int = 1
+) -> Path:
+    """The checkpoint path of one member: <folder>/<hash of config, seed, data>.pt.
+
+    ``world_size`` is the number of torchrun processes: their global batch is that many
+    times train.batch_size, so each process count has its own checkpoints.
+    """
     resolved = config.model_dump(mode="json")
     # Where checkpoints live and what MLflow experiment a run goes to don't change training.
     resolved["train"].pop("checkpoint_dir", None)
     resolved.pop("mlflow", None)
-    blob = json.dumps({"config": resolved, "seed": seed, "data": data_digest}, sort_keys=True)
+    key: dict[str, Any] = {"config": resolved, "seed": seed, "data": data_digest}
+    if world_size > 1:
+        key["world_size"] = world_size
+    else:
+        resolved["train"].pop("sync_batchnorm", None)  # means nothing in one process
+    blob = json.dumps(key, sort_keys=True)
     return folder / f"{hashlib.sha256(blob.encode()).hexdigest()[:16]}.pt"
 
 

@@ -215,6 +215,9 @@ class TrainConfig(_Strict):
     # train+val: the final fit of a tuned config also learns from the validation split
     # (its val_* metrics are then not held out; the test split still is).
     fit_on: Literal["train", "train+val"] = "train"
+    # Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm) instead of
+    # each process's shard. batch_size is per process; the global batch is N x batch_size.
+    sync_batchnorm: bool = False
 
 
 class MlflowConfig(_Strict):

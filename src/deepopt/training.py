@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -23,12 +23,14 @@ from deepopt.config import EarlyStopConfig
 from deepopt.optim import LRSchedule
 
 __all__ = [
+    "DataParallel",
     "EarlyStopping",
     "FitResult",
     "LoopState",
     "StopReason",
     "evaluate_logits",
     "fit",
+    "steps_per_epoch",
 ]
 
 StopReason = Literal["early_stop", "max_epochs", "diverged", "interrupted"]
@@ -102,6 +104,36 @@ class FitResult:
     train_seconds: float  # wall time of the epochs run in this process
 
 
+class DataParallel(Protocol):
+    """What ``fit`` needs of a data-parallel process group (deepopt.distributed): each
+    process trains on its shard of every global batch of ``world_size * batch_size``."""
+
+    @property
+    def world_size(self) -> int: ...
+
+    def wrap(self, model: nn.Module) -> nn.Module: ...
+
+    def shard(self, index: torch.Tensor) -> tuple[torch.Tensor, float] | None: ...
+
+    def all_reduce_sum(self, *tensors: torch.Tensor) -> None: ...
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        precision: str,
+    ) -> tuple[float, float]: ...
+
+
+def steps_per_epoch(samples: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps in an epoch: global batches of ``world_size * batch_size``; a last
+    batch with fewer samples than processes is skipped (see ``DataParallel.shard``)."""
+    full, rest = divmod(samples, batch_size * world_size)
+    return full + (1 if rest >= world_size else 0)
+
+
 def _autocast(precision: str) -> Any:
     if precision == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
@@ -170,6 +202,7 @@ def fit(
     diagnostics: bool = False,
     start: LoopState | None = None,
     on_epoch_end: Callable[[LoopState], None] | None = None,
+    parallel: DataParallel | None = None,
 ) -> FitResult:
     """Train ``model`` on normalized ``train`` = (images [N,C,H,W] float, labels [N] int64).
 
@@ -177,6 +210,10 @@ def fit(
     ``diagnostics`` grad_norm/<layer> and zero_fraction/<layer>) to the history, then calls
     ``on_epoch_end`` with the state to continue from. Exceptions from the callback
     (KeyboardInterrupt, Optuna's TrialPruned) propagate: the state they saw is consistent.
+
+    With ``parallel`` (one process of a torchrun job), ``batch_size`` is per process, the
+    gradients are averaged by DistributedDataParallel and every record holds the metrics
+    of all processes together; ``model`` and the state stay unwrapped.
     """
     images, labels = train
     val_images, val_labels = val
@@ -189,6 +226,7 @@ def fit(
         _restore(model, optimizer, schedule, stopper, shuffle, state)
     history = list(state.history)
     best_model = state.best_model
+    forward = model if parallel is None else parallel.wrap(model)  # what trains
     started = time.perf_counter()
     stop_reason: StopReason = "max_epochs"
 
@@ -199,13 +237,28 @@ def fit(
         tic = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         record, finite = _train_one_epoch(
-            model, optimizer, schedule, images, labels, shuffle, batch_size, precision, diagnostics
+            model,
+            optimizer,
+            schedule,
+            images,
+            labels,
+            shuffle,
+            batch_size,
+            precision,
+            diagnostics,
+            forward=forward,
+            parallel=parallel,
         )
         if not finite:
             stop_reason = "diverged"
             break
-        logits = evaluate_logits(model, val_images, eval_batch_size, precision)
-        record["val_loss"], record["val_acc"] = _loss_and_accuracy(logits, val_labels)
+        if parallel is None:
+            logits = evaluate_logits(model, val_images, eval_batch_size, precision)
+            record["val_loss"], record["val_acc"] = _loss_and_accuracy(logits, val_labels)
+        else:
+            record["val_loss"], record["val_acc"] = parallel.evaluate(
+                model, val_images, val_labels, eval_batch_size, precision
+            )
         record.update(lr=lr, seconds=time.perf_counter() - tic)
         if not math.isfinite(record["val_loss"]):
             history.append({"epoch": float(epoch), **record})
@@ -274,14 +327,20 @@ def _train_one_epoch(
     batch_size: int,
     precision: str,
     diagnostics: bool,
+    *,
+    forward: nn.Module,
+    parallel: DataParallel | None = None,
 ) -> tuple[dict[str, float], bool]:
     """One pass over a fresh permutation; returns the epoch's metrics and finiteness.
 
     loss and acc are averages over the epoch's batches as the weights move (as Keras
     reports them), accumulated as tensors so the hot loop never syncs on .item().
+    ``forward`` is the module that trains: ``model`` itself or its DDP wrapper.
     """
-    model.train()
+    forward.train()
     count = len(images)
+    step = batch_size * (parallel.world_size if parallel is not None else 1)  # global batch
+    seen = 0  # samples this process trained on
     order = torch.randperm(count, generator=shuffle)
     loss_sum = torch.zeros(())
     correct = torch.zeros((), dtype=torch.long)
@@ -291,14 +350,20 @@ def _train_one_epoch(
     batches = 0
     hooks = _zero_fraction_hooks(model, zero_sums) if diagnostics else nullcontext()
     with hooks:
-        for begin in range(0, count, batch_size):
-            index = order[begin : begin + batch_size]
+        for begin in range(0, count, step):
+            index = order[begin : begin + step]
+            loss_weight = 1.0
+            if parallel is not None:
+                shard = parallel.shard(index)
+                if shard is None:
+                    break
+                index, loss_weight = shard
             batch_images, batch_labels = images[index], labels[index]
             with _autocast(precision):
-                logits = model(batch_images)  # [B, classes]
+                logits = forward(batch_images)  # [B, classes]
                 loss = nn.functional.cross_entropy(logits.float(), batch_labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
+            (loss if loss_weight == 1.0 else loss * loss_weight).backward()  # type: ignore[no-untyped-call]
             for name, weight in layers:
                 if weight.grad is not None:
                     grad_sums[name] = grad_sums.get(name, torch.zeros(())) + weight.grad.norm()
@@ -307,8 +372,13 @@ def _train_one_epoch(
             loss_sum += loss.detach() * len(index)
             correct += (logits.detach().argmax(dim=1) == batch_labels).sum()
             batches += 1
-    mean_loss = (loss_sum / count).item()
-    record = {"loss": mean_loss, "acc": correct.item() / count}
+            seen += len(index)
+    if parallel is not None:
+        totals = torch.tensor(seen)
+        parallel.all_reduce_sum(loss_sum, correct, totals)
+        seen = int(totals)
+    mean_loss = (loss_sum / seen).item()
+    record = {"loss": mean_loss, "acc": correct.item() / seen}
     for name, total in grad_sums.items():
         record[f"grad_norm/{name}"] = total.item() / batches
     for name, total in zero_sums.items():

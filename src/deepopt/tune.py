@@ -12,7 +12,8 @@ config and the prepared data: a changed space starts a new study, an unchanged o
 
 Trial count. ``tune.n_trials`` is the number of finished (complete + pruned) trials the
 study should hold. Before each trial a worker counts finished and running trials under a
-lock file that the workers of this machine share; Optuna's MaxTrialsCallback counts only
+lock file that the workers of this machine share (on PostgreSQL, an advisory lock in the
+database that the workers of every machine share); Optuna's MaxTrialsCallback counts only
 after a trial ends, so N parallel workers would overshoot by up to N - 1 trials.
 
 Crash safety. SQL storages get Optuna's heartbeat: a trial whose process died is failed after
@@ -105,6 +106,7 @@ __all__ = [
 BEST_PARAMS = Path("params/best.yaml")  # dvc.yaml's tune out and train_best dep
 STATE_TAG = "trial_state"  # on each trial's MLflow run: RUNNING, COMPLETE, PRUNED or FAIL
 MAX_RETRIES = 3  # a trial whose process keeps dying is queued again at most this often
+_SCHEMA_RACE_DELAYS_S = (0.5, 1.0, 2.0, 4.0)  # before each new try to open a new database
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 _log = logging.getLogger(__name__)
 
@@ -328,20 +330,30 @@ def open_storage(url: str, tune: TuneConfig, key: str = "tune.storage") -> Study
         # Writers (workers, heartbeats) wait for the file lock instead of failing after 5 s.
         engine_kwargs["connect_args"] = {"timeout": 60}
     shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=tune.heartbeat_interval,
-                grace_period=tune.heartbeat_grace,
-                heartbeat_stale_trial_callback=_retry_callback(),
-            )
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
-        first = " ".join(str(err).split())[:300]
-        raise DeepoptError(f"Optuna storage {shown} cannot be opened: {first}") from None
-    return StudyStorage(storage, True, shown)
+    for delay in (*_SCHEMA_RACE_DELAYS_S, None):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=tune.heartbeat_interval,
+                    grace_period=tune.heartbeat_grace,
+                    heartbeat_stale_trial_callback=_retry_callback(),
+                )
+            return StudyStorage(storage, True, shown)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as err:
+            # Workers that start together on an empty database race to create Optuna's
+            # tables ("duplicate key ... pg_type", "relation already exists"): the loser
+            # opens the winner's tables a moment later.
+            if delay is None:
+                first = " ".join(str(err).split())[:300]
+                raise DeepoptError(f"Optuna storage {shown} cannot be opened: {first}") from None
+            time.sleep(delay)
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
+            first = " ".join(str(err).split())[:300]
+            raise DeepoptError(f"Optuna storage {shown} cannot be opened: {first}") from None
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _requeue(study: optuna.Study, number: int) -> None:
@@ -397,6 +409,50 @@ class _ClaimLock:
         self.release()
 
 
+class _DatabaseClaimLock:
+    """A PostgreSQL advisory lock on the study: one worker of any machine at a time counts
+    the study's trials and creates the next one (a lock file orders one machine's only).
+    Transaction-scoped, so it is released whatever happens to the connection."""
+
+    def __init__(self, engine: Any, study_name: str) -> None:
+        self._engine = engine
+        digest = hashlib.sha256(f"deepopt-claim:{study_name}".encode()).digest()
+        self._key = int.from_bytes(digest[:8], "big", signed=True)  # a bigint lock id
+        self._connection: Any = None
+
+    def __enter__(self) -> _DatabaseClaimLock:
+        import sqlalchemy
+
+        self._connection = self._engine.connect()
+        self._connection.begin()
+        self._connection.execute(
+            sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": self._key}
+        )
+        return self
+
+    def release(self) -> None:
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            connection.rollback()  # ends the transaction and with it the lock
+            connection.close()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+def _claim_lock(
+    storage: StudyStorage, path: Path, study_name: str
+) -> _ClaimLock | _DatabaseClaimLock:
+    """The lock under which a worker counts and claims: the database's own on PostgreSQL
+    (workers on many machines), else the lock file ``path`` (this machine's workers)."""
+    engine = getattr(storage.storage, "engine", None)
+    if engine is not None and engine.dialect.name == "postgresql":
+        return _DatabaseClaimLock(engine, study_name)
+    return _ClaimLock(path)
+
+
 def run_trials(
     study: optuna.Study,
     objective: Callable[[optuna.Trial], float],
@@ -416,7 +472,7 @@ def run_trials(
     one whose process died is failed and queued again, and someone has to run it.
     """
     ran = 0
-    lock = _ClaimLock(lock_path)
+    lock = _claim_lock(storage, lock_path, study.study_name)
 
     def claimed(trial: optuna.Trial) -> float:
         lock.release()  # the trial exists now: other workers may count it
