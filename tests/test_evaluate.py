@@ -259,3 +259,21 @@ def test_misclassified_png_is_valid_and_byte_identical_when_nothing_is_wrong(
     assert blobs[0] == blobs[1]
     (tmp_path / "m.png").write_bytes(blobs[0])
     assert _is_png(tmp_path / "m.png")
+
+
+@pytest.mark.slow
+def test_a_resnet_started_from_a_weights_file_evaluates_without_that_file(
+    trained_repo: Path, base_params: dict[str, Any]
+) -> None:
+    resnet = {"name": "resnet", "depth": 8, "base_channels": 2, "batchnorm": True}
+    start = build_model(ModelConfig(**resnet))
+    torch.save(start.state_dict(), trained_repo / "start.pt")
+    params = yaml.safe_load((trained_repo / "params.yaml").read_text())
+    params["matrix"]["seeds"] = 1
+    params["experiments"] = {"deep": {"model": {**resnet, "weights": "start.pt"}}}
+    (trained_repo / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    assert cli.main(["train", "--experiment", "deep"]) == 0
+    (trained_repo / "start.pt").unlink()  # only where training started: evaluate never reads it
+    assert cli.main(["evaluate", "--experiment", "deep"]) == 0
+    evaluation = json.loads((trained_repo / "metrics/deep/eval.json").read_text())
+    assert evaluation["test_images"] == N_TEST and 0.0 <= evaluation["test_acc"] <= 1.0

@@ -338,3 +338,32 @@ def test_cli_report_writes_the_report_and_fails_in_one_line(
         "deepopt: error: metrics/bn_sgd_earlystop/train.json is missing: "
         "run `dvc repro` (the train stage writes it)\n"
     )
+
+
+DEEP = {
+    name: {"model": {"name": "resnet", "depth": 20, "skip": skip}, "train": {"diagnostics": True}}
+    for name, skip in (("plain_20", False), ("resnet_20", True))
+}
+
+
+def test_plain_and_residual_networks_get_their_own_table_and_gradient_plot(
+    workspace: Params, base_params: dict[str, Any]
+) -> None:
+    layers = ("conv0", "stage1.block1.conv1", "logits")
+    for name in DEEP:
+        _write_experiment(
+            name,
+            [_run(4487, 3, "max_epochs", 0.7, 9.0)],
+            {"test_acc": 0.7, "test_loss": 0.8},
+            grad_layers=layers,
+        )
+    summary = report.main(_params(base_params, {**EXPERIMENTS, **DEEP}))
+    assert summary["plots"][-2:] == ["reports/grad_norms.png", "reports/deep_grad_norms.png"]
+    deeper = _markdown().split("## Going deeper: plain vs residual")[1]
+    # history: loss 1/(epoch+1), acc 0.5, grad norms 1e-4 (conv0) ... 1e-2 (logits)
+    assert "| `plain_20` | 20 | no | yes | 3 | 0.3333 | 0.5000 | 0.7000 | 0.010 |" in deeper
+    assert "| `resnet_20` | 20 | yes | yes | 3 |" in deeper
+    assert "](deep_grad_norms.png)" in deeper
+    report.main(workspace)  # without resnets: no section, and no stale deep plot
+    assert "Going deeper" not in _markdown()
+    assert not Path("reports/deep_grad_norms.png").exists()

@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_stage(sub, "report", "write reports/lecture.md and its plots from metrics/ and plots/")
     _add_tune(sub)
+    _add_stage(sub, "pretrain", "train on transfer.source; write transfer/models/pretrain.pt")
+    _add_stage(
+        sub, "finetune", "fine-tune the pretrained network on transfer.target; transfer/report.md"
+    )
     return parser
 
 

@@ -19,15 +19,26 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from deepopt.errors import ConfigError
 
 __all__ = [
     "DATASET_NAMES",
+    "MODEL_NAMES",
     "OPTIMIZER_NAMES",
     "SCHEDULE_NAMES",
     "STORAGE_SCHEMES",
+    "TORCHVISION_PREFIX",
+    "TRANSFER_MODES",
     "DataConfig",
     "EarlyStopConfig",
     "MatrixConfig",
@@ -39,6 +50,8 @@ __all__ = [
     "ScheduleConfig",
     "SearchRange",
     "TrainConfig",
+    "TransferConfig",
+    "TransferTask",
     "TuneConfig",
     "TuneSpace",
     "apply_overrides",
@@ -47,17 +60,21 @@ __all__ = [
     "load_overrides",
     "load_params",
     "parse_params",
+    "resnet_blocks",
     "resolve_experiment",
+    "resolve_transfer",
+    "torchvision_weights_name",
 ]
 
-DatasetName = Literal["mnist", "fashion-mnist", "kmnist"]
-ModelName = Literal["lecture_cnn", "mlp"]
+DatasetName = Literal["mnist", "fashion-mnist", "kmnist", "cifar10"]
 Activation = Literal["relu", "sigmoid", "tanh"]
 OptimizerName = Literal["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw"]
 ScheduleName = Literal["constant", "linear", "inverse_time", "plateau", "step", "cosine"]
 MonitorName = Literal["val_loss", "val_acc"]
 
 DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
+MODEL_NAMES = ("lecture_cnn", "mlp", "resnet")  # and torchvision:<name>
+TORCHVISION_PREFIX = "torchvision:"
 OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimizerName)
 SCHEDULE_NAMES: tuple[str, ...] = get_args(ScheduleName)
 
@@ -75,8 +92,37 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
 
 
+def resnet_blocks(depth: int) -> int:
+    """Residual blocks per stage of a ``depth``-layer ResNet: depth = 6 n + 2 (He et al.)."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"{depth} is not 6n+2 as resnet needs: 8, 14, 20, 26, 32 and so on")
+    return (depth - 2) // 6
+
+
+def torchvision_weights_name(weights: str) -> bool:
+    """True when ``weights`` names torchvision weights (DEFAULT, IMAGENET1K_V1: upper-case
+    identifiers, downloaded through torch.hub) rather than a path to a local file."""
+    return weights.isidentifier() and weights.isupper()
+
+
+def _check_torchvision_arch(arch: str) -> None:
+    """Refuse names that are not torchvision classification models (imports torchvision:
+    only configs that name such a model pay for it)."""
+    import torchvision.models  # lazy: config import stays light
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=1)
+        hint = f" (did you mean '{TORCHVISION_PREFIX}{close[0]}'?)" if close else ""
+        raise ValueError(
+            f"'{TORCHVISION_PREFIX}{arch}' is not a torchvision classification model{hint}; "
+            "see torchvision.models.list_models(module=torchvision.models)"
+        )
+
+
 class ModelConfig(_Strict):
-    name: ModelName = "lecture_cnn"
+    # lecture_cnn | mlp | resnet | torchvision:<name> (any torchvision classification model)
+    name: str = "lecture_cnn"
     batchnorm: bool = True
     activation: Activation = "relu"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)  # after each hidden block
@@ -86,9 +132,53 @@ class ModelConfig(_Strict):
     # lecture_cnn: channels of the three 5x5 convolutions and units of the hidden dense layer.
     conv_channels: tuple[int, int, int] = (10, 40, 80)
     dense_units: int = Field(50, ge=1)
-    # mlp: number of hidden layers and their width.
+    # mlp: number of hidden layers and their width; resnet: weight layers, 6n+2 (8, 14, 20).
     depth: int = Field(8, ge=1)
     width: int = Field(128, ge=1)
+    # resnet: channels of the first stage (x2, x4 in the next two), and whether its blocks
+    # have the identity shortcut (false: the same layers as a plain stack).
+    base_channels: int = Field(16, ge=1)
+    skip: bool = True
+    # Start from these weights instead of random ones: a local state-dict file (loaded with
+    # weights_only=True), or for torchvision:<name> one of its torchvision weights
+    # (DEFAULT, IMAGENET1K_V1, ...: a torch.hub download, cached). null = random init.
+    weights: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if value in MODEL_NAMES:
+            return value
+        if value.startswith(TORCHVISION_PREFIX) and value != TORCHVISION_PREFIX:
+            _check_torchvision_arch(value.removeprefix(TORCHVISION_PREFIX))
+            return value
+        close = difflib.get_close_matches(value, MODEL_NAMES, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(
+            f"allowed: {', '.join(MODEL_NAMES)}, {TORCHVISION_PREFIX}<name> (got {value!r}){hint}"
+        )
+
+    @field_validator("depth")
+    @classmethod
+    def _depth(cls, value: int, info: ValidationInfo) -> int:
+        if info.data.get("name") == "resnet":
+            resnet_blocks(value)
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: str | None, info: ValidationInfo) -> str | None:
+        name = info.data.get("name")
+        if value is None or name is None:  # no weights, or the name already failed
+            return value
+        if not value.strip():
+            raise ValueError("empty; use null for random weights or give a file path")
+        if torchvision_weights_name(value) and not name.startswith(TORCHVISION_PREFIX):
+            raise ValueError(
+                f"{value!r} names torchvision weights, which only {TORCHVISION_PREFIX}<name> "
+                f"models have; {name} takes a path to a state-dict file"
+            )
+        return value
 
 
 # Knobs each optimizer takes beyond lr and weight_decay, with their defaults (torch's,
@@ -164,7 +254,9 @@ SCHEDULE_KNOBS: dict[str, dict[str, Any]] = {
         "min_lr": 0.0,
     },
     "step": {"step_size": 10, "gamma": 0.1},
-    "cosine": {"warmup_epochs": 0, "min_lr": 0.0},
+    # min_lr None: 1 % of optim.lr, derived when built (a floor of 0 would train the last
+    # epoch at lr 0).
+    "cosine": {"warmup_epochs": 0, "min_lr": None},
 }
 
 
@@ -189,6 +281,15 @@ class ScheduleConfig(_Strict):
         if not isinstance(values, dict):
             return values
         return _check_knobs("schedule", values.get("name", "constant"), values, SCHEDULE_KNOBS)
+
+    @model_validator(mode="after")
+    def _positive_cosine_floor(self) -> ScheduleConfig:
+        if self.name == "cosine" and self.min_lr == 0.0:
+            raise ValueError(
+                "schedule.min_lr: 0 would train cosine's last epoch at lr 0; give a positive "
+                "floor, or null for 1 % of optim.lr"
+            )
+        return self
 
 
 class EarlyStopConfig(_Strict):
@@ -405,6 +506,72 @@ class TuneConfig(_Strict):
         return self
 
 
+TransferMode = Literal["linear_probe", "finetune", "scratch"]
+TRANSFER_MODES: tuple[str, ...] = get_args(TransferMode)
+
+
+class TransferTask(_Strict):
+    """A classification task made of some classes of a data set (relabelled 0, 1, ...)."""
+
+    dataset: DatasetName = "fashion-mnist"
+    classes: tuple[int, ...] = Field(min_length=2)
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(value)) != len(value) or not all(0 <= c <= 9 for c in value):
+            raise ValueError(f"{list(value)} must be distinct class indices in 0 to 9")
+        return value
+
+
+class TransferConfig(_Strict):
+    """The transfer pipeline (transfer/dvc.yaml): pretrain on ``source``, then fine-tune on
+    ``target`` with few labelled images per class, in each of ``modes``."""
+
+    source: TransferTask = TransferTask(classes=(0, 1, 2, 3, 4))
+    target: TransferTask = TransferTask(classes=(5, 6, 7, 8, 9))
+    # Training images per source class (from its training file); null = all of them.
+    source_per_class: int | None = Field(2000, ge=1)
+    # Held out of the training files, per class, for validation (source and target alike).
+    val_per_class: int = Field(100, ge=1)
+    # Labelled training images per target class: one fine-tune per size and mode; the
+    # smaller sets are subsets of the larger ones.
+    target_sizes: tuple[int, ...] = Field((2, 10, 50, 200, 1000), min_length=1)
+    modes: tuple[TransferMode, ...] = Field(("linear_probe", "finetune", "scratch"), min_length=1)
+    # finetune: the backbone's learning rate is optim.lr times this (1 = the same).
+    backbone_lr_scale: float = Field(1.0, gt=0.0, le=1.0)
+    pretrain_epochs: int = Field(5, ge=1)
+    finetune_epochs: int = Field(10, ge=1)  # every fine-tune, without early stopping
+    # Batches per fine-tune epoch at least: a smaller training set is repeated (whole
+    # copies, shuffled together) so that 10 images per class still get enough updates.
+    finetune_min_batches: int = Field(30, ge=1)
+    # Run-config overrides for both stages, in an experiments entry's shape (model, optim...).
+    overrides: dict[str, Any] = Field(
+        default_factory=lambda: {"model": {"name": "resnet", "depth": 8, "base_channels": 16}}
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TransferConfig:
+        shared = set(self.source.classes) & set(self.target.classes)
+        if self.source.dataset == self.target.dataset and shared:
+            raise ValueError(
+                f"transfer.target.classes: {sorted(shared)} are also source classes of "
+                f"{self.source.dataset}; source and target classes must be disjoint"
+            )
+        if list(self.target_sizes) != sorted(set(self.target_sizes)) or self.target_sizes[0] < 1:
+            raise ValueError(
+                f"transfer.target_sizes: {list(self.target_sizes)} must be distinct positive "
+                "counts in ascending order"
+            )
+        if len(set(self.modes)) != len(self.modes):
+            raise ValueError(f"transfer.modes: {list(self.modes)} lists a mode twice")
+        if "data" in self.overrides:
+            raise ValueError(
+                "transfer.overrides.data: the data sets are transfer.source and transfer.target"
+            )
+        return self
+
+
 class RunConfig(_Strict):
     """Everything one training run reads: the base config with an experiment applied."""
 
@@ -428,6 +595,12 @@ class Params(RunConfig):
     # name -> overrides of the base run config (any key of the sections above but data).
     experiments: dict[str, dict[str, Any]] = Field(default_factory=dict)
     tune: TuneConfig = TuneConfig()
+    transfer: TransferConfig = TransferConfig()
+
+    @model_validator(mode="after")
+    def _transfer_resolves(self) -> Params:
+        resolve_transfer(self)
+        return self
 
     @model_validator(mode="after")
     def _experiments_resolve(self) -> Params:
@@ -482,6 +655,11 @@ def resolve_experiment(params: Params, name: str | None) -> RunConfig:
             "change data.* at the top level instead"
         )
     return apply_overrides(params.base_run(), overrides, prefix=f"experiments.{name}")
+
+
+def resolve_transfer(params: Params) -> RunConfig:
+    """The run config of the transfer stages: the base config with transfer.overrides."""
+    return apply_overrides(params.base_run(), params.transfer.overrides, "transfer.overrides")
 
 
 def apply_overrides(config: RunConfig, overrides: dict[str, Any], prefix: str = "") -> RunConfig:

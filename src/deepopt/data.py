@@ -10,6 +10,13 @@ calls; it refuses files prepared with other params).
 
 Prepared files hold raw uint8 pixels; normalization is applied at load time with the
 training part's mean and std recorded in meta.json, so changing it never re-prepares.
+
+CIFAR-10 (``data.name: cifar10``) comes in its *binary* version, never the pickled Python
+one: ``data_batch_1.bin`` ... ``data_batch_5.bin`` and ``test_batch.bin``, each 10,000
+records of 1 label byte and 3,072 pixel bytes (1,024 red, then green, then blue, rows top
+to bottom), read by ``read_cifar_bin`` straight into uint8 [N, 3, 32, 32]. The prepared
+images keep that channels-first shape (the grayscale sets stay [N, 28, 28]) and one mean
+and std over all pixels of all channels normalize them, as for the grayscale sets.
 """
 
 from __future__ import annotations
@@ -20,11 +27,14 @@ import hashlib
 import io
 import json
 import math
+import os
 import socket
 import struct
+import tarfile
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +45,10 @@ from deepopt.config import DataConfig
 from deepopt.errors import ConfigError, DataError
 
 __all__ = [
+    "CIFAR_ARCHIVE",
+    "CIFAR_FILES",
+    "CIFAR_MD5",
+    "CIFAR_URL",
     "DATASETS",
     "DEBIAN_FASHION_MNIST",
     "DOWNLOAD_TIMEOUT_S",
@@ -53,13 +67,17 @@ __all__ = [
     "check_meta_matches",
     "check_pair",
     "class_counts",
+    "extract_cifar_archive",
     "file_sha256",
+    "find_cifar_files",
     "find_idx_files",
+    "image_shape",
     "load_prepared",
     "load_split",
     "locate_raw",
     "normalize",
     "pixel_stats",
+    "read_cifar_bin",
     "read_idx",
     "read_raw",
     "split_bytes",
@@ -89,11 +107,25 @@ RAW_FILES: dict[str, str] = {
 }
 
 
+# CIFAR-10's binary version (1 label byte + 3,072 pixel bytes per record), with the MD5
+# its authors publish for the archive (https://www.cs.toronto.edu/~kriz/cifar.html).
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+CIFAR_ARCHIVE = "cifar-10-binary.tar.gz"
+CIFAR_DIR = "cifar-10-batches-bin"  # the archive's folder
+CIFAR_FILES: dict[str, str] = {
+    **{f"train_batch_{i}": f"data_batch_{i}.bin" for i in range(1, 6)},
+    "test_batch": "test_batch.bin",
+}
+_CIFAR_SHAPE = (3, 32, 32)
+_CIFAR_RECORD = 1 + math.prod(_CIFAR_SHAPE)
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     class_names: tuple[str, ...]
     # The torchvision.datasets class that can download it; also the folder it downloads
-    # into (<data.root>/<name>/<class>/raw/).
+    # into (<data.root>/<name>/<class>/raw/). CIFAR-10 is fetched in its binary version.
     torchvision_class: str
 
 
@@ -116,6 +148,21 @@ DATASETS: dict[str, DatasetInfo] = {
     ),
     # Kuzushiji-MNIST: one cursive hiragana per class, romanized as torchvision does.
     "kmnist": DatasetInfo(("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"), "KMNIST"),
+    "cifar10": DatasetInfo(
+        (
+            "airplane",
+            "automobile",
+            "bird",
+            "cat",
+            "deer",
+            "dog",
+            "frog",
+            "horse",
+            "ship",
+            "truck",
+        ),
+        "CIFAR10",
+    ),
 }
 
 
@@ -124,13 +171,14 @@ class RawSource:
     """Where the four raw IDX files were found, and how."""
 
     directory: Path
-    files: dict[str, Path]  # role (RAW_FILES key) -> file
+    files: dict[str, Path]  # role (RAW_FILES or CIFAR_FILES key) -> file
     origin: str  # "data.root", "debian" or "torchvision"
+    layout: str = "idx"  # "idx" (the MNIST family) or "cifar" (CIFAR-10's binary batches)
 
 
 @dataclass(frozen=True, eq=False)
 class RawData:
-    train_images: torch.Tensor  # uint8 [60000, 28, 28] for the real datasets
+    train_images: torch.Tensor  # uint8 [60000, 28, 28] for the MNIST family, [50000, 3, 32, 32]
     train_labels: torch.Tensor  # uint8 [60000]
     test_images: torch.Tensor  # uint8 [10000, 28, 28]
     test_labels: torch.Tensor  # uint8 [10000]
@@ -138,7 +186,7 @@ class RawData:
 
 @dataclass(frozen=True, eq=False)
 class Split:
-    images: torch.Tensor  # uint8 [N, 28, 28], raw pixel values 0..255
+    images: torch.Tensor  # uint8 [N, 28, 28] (or [N, 3, 32, 32]), raw pixel values 0..255
     labels: torch.Tensor  # int64 [N], class indices 0..9
 
 
@@ -259,8 +307,56 @@ def check_pair(
         )
 
 
+def read_cifar_bin(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images uint8 [N, 3, 32, 32] and labels uint8 [N] of one CIFAR-10 binary batch file.
+
+    Each record is 1 label byte (0..9) then 3,072 pixel bytes, channels R, G, B each 32
+    rows of 32: exactly [3, 32, 32] in C order. DataError when the size is not a whole
+    number of records or a label is out of range.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    if not data or len(data) % _CIFAR_RECORD:
+        raise DataError(
+            f"{path}: {len(data)} bytes is not a whole number of CIFAR-10 records "
+            f"({_CIFAR_RECORD} bytes each: 1 label + 3x32x32 pixels)"
+        )
+    records = torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(-1, _CIFAR_RECORD)
+    labels = records[:, 0].clone()
+    bad = (labels >= NUM_CLASSES).nonzero()
+    if bad.numel():
+        index = int(bad[0, 0])
+        raise DataError(
+            f"{path}: label {int(labels[index])} of record {index} is outside 0..9 "
+            "(is this the binary version, cifar-10-batches-bin?)"
+        )
+    images = records[:, 1:].reshape(-1, *_CIFAR_SHAPE).clone()  # own memory, no label bytes
+    return images, labels
+
+
+def _read_cifar(source: RawSource) -> RawData:
+    parts = [read_cifar_bin(source.files[f"train_batch_{i}"]) for i in range(1, 6)]
+    test_images, test_labels = read_cifar_bin(source.files["test_batch"])
+    return RawData(
+        train_images=torch.cat([images for images, _ in parts]),
+        train_labels=torch.cat([labels for _, labels in parts]),
+        test_images=test_images,
+        test_labels=test_labels,
+    )
+
+
+def image_shape(images: torch.Tensor) -> tuple[int, int, int]:
+    """(channels, height, width) of uint8 images [N, H, W] (one channel) or [N, C, H, W]."""
+    if images.dim() == 3:
+        return (1, int(images.shape[1]), int(images.shape[2]))
+    channels, height, width = (int(n) for n in images.shape[1:])
+    return (channels, height, width)
+
+
 def read_raw(source: RawSource) -> RawData:
-    """The four IDX files of ``source``, each validated and checked against its partner."""
+    """The raw files of ``source``, each validated and checked against its partner."""
+    if source.layout == "cifar":
+        return _read_cifar(source)
     tensors = {
         role: read_idx(path, IMAGES_MAGIC if role.endswith("images") else LABELS_MAGIC)
         for role, path in source.files.items()
@@ -297,6 +393,83 @@ def find_idx_files(directory: Path) -> dict[str, Path] | None:
     return found
 
 
+def find_cifar_files(directory: Path) -> dict[str, Path] | None:
+    """The six CIFAR-10 binary batch files in ``directory`` or in its cifar-10-batches-bin/
+    (as the archive unpacks), or None if any is missing."""
+    for folder in (directory, directory / CIFAR_DIR):
+        found = {role: folder / name for role, name in CIFAR_FILES.items()}
+        if all(path.is_file() for path in found.values()):
+            return found
+    return None
+
+
+def extract_cifar_archive(archive: Path, directory: Path) -> Path:
+    """Unpack the six batch files of CIFAR-10's binary archive into ``directory``/
+    cifar-10-batches-bin/ (only those regular members, by name: no path from the archive
+    is trusted); the folder. Each file is written whole or not at all."""
+    target = directory / CIFAR_DIR
+    wanted = {f"{CIFAR_DIR}/{name}" for name in CIFAR_FILES.values()}
+    with tarfile.open(archive, "r:gz") as tar:
+        members = {m.name: m for m in tar.getmembers() if m.isfile() and m.name in wanted}
+        absent = sorted(wanted - set(members))
+        if absent:
+            raise DataError(f"{archive}: not CIFAR-10's binary archive (lacks {absent[0]})")
+        for name, member in sorted(members.items()):
+            stream = tar.extractfile(member)
+            assert stream is not None  # a regular file
+            with stream:
+                files.write_bytes(target / Path(name).name, stream.read())
+    return target
+
+
+def _download_cifar(directory: Path) -> None:
+    """CIFAR-10's binary archive via torchvision's downloader (MD5 checked), unpacked into
+    ``directory``/cifar-10-batches-bin/; the archive is removed afterwards."""
+    from torchvision.datasets.utils import download_url  # lazy: only this last resort
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        download_url(CIFAR_URL, str(directory), filename=CIFAR_ARCHIVE, md5=CIFAR_MD5)
+    finally:
+        socket.setdefaulttimeout(previous)
+    archive = directory / CIFAR_ARCHIVE
+    extract_cifar_archive(archive, directory)
+    os.unlink(archive)
+
+
+def _locate_cifar(root: Path, download: bool) -> RawSource:
+    """CIFAR-10's binary batches: <root>/cifar10/ (or its cifar-10-batches-bin/), its
+    archive there, or a download of the archive there."""
+    own = Path(root) / "cifar10"
+    found = find_cifar_files(own)
+    if found is not None:
+        return RawSource(found["test_batch"].parent, found, "data.root", layout="cifar")
+    archive = own / CIFAR_ARCHIVE
+    why = "download disabled"
+    created = [d for d in (own, *own.parents) if not d.exists()]
+    try:
+        if archive.is_file():
+            extract_cifar_archive(archive, own)
+            why = "its archive held no batch files"
+        elif download:
+            _download_cifar(own)
+            why = "the download left no files"
+    except Exception as err:  # any failure (no network, timeout, bad archive) ends below
+        why = f"{'unpacking' if archive.is_file() else 'the download'} failed: {_one_line(err)}"
+    found = find_cifar_files(own)
+    if found is not None:
+        origin = "data.root" if archive.is_file() else "torchvision"
+        return RawSource(found["test_batch"].parent, found, origin, layout="cifar")
+    for folder in created:  # innermost first; leave no empty folders behind
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    raise DataError(
+        f"no cifar10 data found: put the binary version's {', '.join(CIFAR_FILES.values())} "
+        f"(or {CIFAR_ARCHIVE}) into {own}/; {why}"
+    )
+
+
 def _download_torchvision(name: str, directory: Path) -> None:
     """Let torchvision fetch the dataset into ``directory``/<class>/raw/ (needs internet)."""
     import torchvision.datasets  # lazy: only this last resort needs it
@@ -323,7 +496,8 @@ def locate_raw(
 ) -> RawSource:
     """Where the raw files of dataset ``name`` are, looked up in this order:
 
-    1. ``<root>/<name>/`` holding the four IDX files (.gz or not);
+    1. ``<root>/<name>/`` holding the four IDX files (.gz or not) (cifar10: see
+       ``_locate_cifar``);
     2. for fashion-mnist, Debian's copy in ``debian_dir`` (default DEBIAN_FASHION_MNIST);
     3. torchvision's download into ``<root>/<name>/<Class>/raw/`` (reused when already
        there; downloading needs internet and each socket operation times out).
@@ -332,6 +506,8 @@ def locate_raw(
     """
     if name not in DATASETS:
         raise ConfigError(f"data.name: {name!r} is not one of {', '.join(DATASETS)}")
+    if name == "cifar10":
+        return _locate_cifar(root, download)
     own = Path(root) / name
     files = find_idx_files(own)
     if files is not None:
@@ -453,20 +629,28 @@ def class_counts(labels: torch.Tensor, num_classes: int = NUM_CLASSES) -> list[i
 def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
     """Mean and (population) standard deviation of uint8 pixels scaled to [0, 1].
 
-    Computed in float64 so the values, and with them meta.json, are exactly reproducible.
+    From exact integer sums over a histogram, rounded once: the same values (and
+    meta.json bytes) whatever the thread count, which changes the order, and with it the
+    last digits, of a float reduction.
     """
-    scaled = images.to(torch.float64) / 255.0
-    return float(scaled.mean()), float(scaled.std(correction=0))
+    counts = torch.bincount(images.flatten(), minlength=256).tolist()  # pixels per value
+    count = sum(counts)
+    total = sum(value * n for value, n in enumerate(counts))
+    squares = sum(value * value * n for value, n in enumerate(counts))
+    variance = Fraction(count * squares - total * total, (255 * count) ** 2)
+    return total / (255 * count), math.sqrt(variance)
 
 
 def normalize(images_uint8: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """float32 [N, 1, 28, 28] network input (x / 255 - mean) / std from uint8 [N, 28, 28].
+    """float32 [N, 1, 28, 28] network input (x / 255 - mean) / std from uint8 [N, 28, 28]
+    (or [N, C, H, W] from uint8 [N, C, H, W], e.g. CIFAR-10's [N, 3, 32, 32]).
 
     Written as (x - 255 mean) / (255 std): one conversion and two in-place passes.
     """
     if not std > 0.0:
         raise DataError(f"normalize: std must be positive, got {std}")
-    x = images_uint8.unsqueeze(1).to(torch.float32)  # [N, 1, 28, 28]
+    grayscale = images_uint8.dim() == 3
+    x = (images_uint8.unsqueeze(1) if grayscale else images_uint8).to(torch.float32)
     return x.sub_(255.0 * mean).div_(255.0 * std)
 
 
@@ -507,7 +691,7 @@ def build_meta(
         "pixel_scale": "uint8 / 255; mean and std of the train split, not applied",
         "class_names": list(DATASETS[dataset].class_names),
         "num_classes": NUM_CLASSES,
-        "image_shape": [IMAGE_SIZE, IMAGE_SIZE],
+        "image_shape": list(splits["train"].images.shape[1:]),  # [28, 28] or [3, 32, 32]
     }
 
 
@@ -572,11 +756,15 @@ def load_split(path: Path) -> Split:
         or not isinstance(labels, torch.Tensor)
         or images.dtype != torch.uint8
         or labels.dtype != torch.int64
-        or tuple(images.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE)
+        or not (
+            tuple(images.shape[1:]) == (IMAGE_SIZE, IMAGE_SIZE)
+            or (images.dim() == 4 and min(images.shape[1:]) > 0)
+        )
         or labels.shape != images.shape[:1]
     ):
         raise DataError(
-            f"{path}: expected {{'images': uint8 [N, 28, 28], 'labels': int64 [N]}}; {_RERUN}"
+            f"{path}: expected {{'images': uint8 [N, 28, 28] or [N, C, H, W], "
+            f"'labels': int64 [N]}}; {_RERUN}"
         )
     return Split(images=images, labels=labels)
 
@@ -619,6 +807,12 @@ def load_prepared(params_data: DataConfig, seed: int, root: Path = Path(".")) ->
             raise DataError(
                 f"{split_files[name]}: holds {split.labels.shape[0]} images but meta.json "
                 f"records {recorded}; {_RERUN}"
+            )
+        shape = meta.get("image_shape")
+        if shape is not None and list(split.images.shape[1:]) != shape:
+            raise DataError(
+                f"{split_files[name]}: holds images of shape {list(split.images.shape[1:])} "
+                f"but meta.json records {shape}; {_RERUN}"
             )
     try:
         mean, std = float(meta["mean"]), float(meta["std"])

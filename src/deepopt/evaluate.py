@@ -35,7 +35,7 @@ from torch import nn
 
 from deepopt import paths, tracking
 from deepopt.config import ModelConfig, Params, resolve_experiment
-from deepopt.data import load_prepared, normalize
+from deepopt.data import image_shape, load_prepared, normalize
 from deepopt.errors import DataError, TrackingError
 from deepopt.files import check_writable, write_bytes, write_json
 from deepopt.metrics import (
@@ -134,7 +134,11 @@ def load_trained(path: Path, experiment: str) -> Trained:
         num_classes = int(content["num_classes"])
         members = []
         for entry in content["members"]:
-            model = build_model(model_config, image_shape=image_shape, num_classes=num_classes)
+            # load_weights=False: the state dict follows; model.weights (a file, a download)
+            # was only where the training started.
+            model = build_model(
+                model_config, image_shape=image_shape, num_classes=num_classes, load_weights=False
+            )
             model.load_state_dict(entry["state_dict"])
             members.append(
                 Member(int(entry["seed"]), int(entry["replica"]), int(entry["index"]), model.eval())
@@ -317,8 +321,8 @@ def misclassified_figure(
     shown: int = MISCLASSIFIED_SHOWN,
     columns: int = 6,
 ) -> Figure:
-    """The first ``shown`` misclassified uint8 images [N, H, W] in file order, each under
-    its true label, the predicted one and the predicted probability.
+    """The first ``shown`` misclassified uint8 images [N, H, W] (or colour [N, 3, H, W]) in
+    file order, each under its true label, the predicted one and the predicted probability.
 
     One mosaic image in one axes, not an axes per image: 36 axes took ~1 s to draw.
     """
@@ -326,18 +330,25 @@ def misclassified_figure(
     wrong = (predictions != labels).nonzero().flatten()
     picked = wrong[:shown].tolist()
     rows = max(1, -(-len(picked) // columns))
-    height, width = images.shape[1:]
+    colour = images.dim() == 4
+    height, width = images.shape[-2:]
     label_band, gap = 12, 14  # pixels above each image for its two lines, between columns
     cell_h, cell_w = height + label_band, width + gap
-    canvas = torch.zeros(rows * cell_h, columns * cell_w, dtype=torch.uint8)  # 0 = white
+    # Grayscale: 0 = white under gray_r, as the datasets' ink on paper; colour: RGB on white.
+    canvas = torch.zeros(rows * cell_h, columns * cell_w, *((3,) if colour else ()))
+    canvas = canvas.to(torch.uint8).fill_(255 if colour else 0)
     for slot, index in enumerate(picked):
         top, left = (slot // columns) * cell_h + label_band, (slot % columns) * cell_w + gap // 2
-        canvas[top : top + height, left : left + width] = images[index]
+        image = images[index].permute(1, 2, 0) if colour else images[index]  # [H, W(, 3)]
+        canvas[top : top + height, left : left + width] = image
     inch = 1.0 / 28  # per mosaic pixel: a 28 x 28 image is one inch wide
     title_in = 0.4
     fig = plt.figure(figsize=(columns * cell_w * inch, rows * cell_h * inch + title_in))
     axis = fig.add_axes((0.0, 0.0, 1.0, 1.0 - title_in / fig.get_figheight()))
-    axis.imshow(canvas.numpy(), cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
+    if colour:
+        axis.imshow(canvas.numpy(), interpolation="nearest")
+    else:
+        axis.imshow(canvas.numpy(), cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
     axis.axis("off")
     for slot, index in enumerate(picked):
         predicted = int(predictions[index])
@@ -492,7 +503,7 @@ def main(params: Params, experiment: str | None = None, **_: object) -> dict[str
     trained = load_trained(paths.model_path(name), name)
     experiment_id, run_ids = load_run_ids(paths.run_info_path(name), trained)
     data = load_prepared(config.data, config.seed)
-    _check_shapes(trained, data.num_classes, tuple(data.test.images.shape[1:]))
+    _check_shapes(trained, data.num_classes, image_shape(data.test.images))
     tracking.configure()
     _check_runs_exist(run_ids, paths.run_info_path(name))
 
@@ -533,10 +544,10 @@ def main(params: Params, experiment: str | None = None, **_: object) -> dict[str
 
 
 def _check_shapes(trained: Trained, num_classes: int, test_shape: tuple[int, ...]) -> None:
-    if trained.num_classes != num_classes or trained.image_shape[1:] != test_shape:
+    if trained.num_classes != num_classes or trained.image_shape != test_shape:
         raise DataError(
             f"{paths.model_path(trained.experiment)}: trained for {trained.num_classes} classes "
-            f"of {_size(trained.image_shape[1:])} images, but the prepared test data has "
+            f"of {_size(trained.image_shape)} images, but the prepared test data has "
             f"{num_classes} classes of {_size(test_shape)} images; "
             f"{_retrain_hint(trained.experiment)}"
         )

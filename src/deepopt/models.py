@@ -14,6 +14,19 @@ the hidden layer's depth (1 = nearest the input), and ``logits`` for the output 
 per-layer gradient norms and ReLU sparsity read as "conv1 ... dense4, logits". Every
 hidden layer gets its own activation module so a forward hook can measure it alone.
 
+``ResNet`` is a small residual network for 28x28 (or 32x32) images after He et al. (2016),
+"Deep Residual Learning", section 4.2: a 3x3 stem convolution, three stages of ``n``
+residual blocks (two 3x3 convolutions each) with ``base_channels``, twice and four times
+as many channels, the second and third stage starting with stride 2, then global average
+pooling and the logits: ``depth = 6 n + 2`` weight layers (8, 14, 20, ...). Its shortcuts are
+the paper's option A, parameter-free: identity, or where a stage halves the size and
+doubles the channels, every second pixel with the new channels zero. So ``skip: false``
+(the "plain" network) has exactly the same layers and parameters, only the identity path
+is gone, and the two differ in nothing but the skip connections.
+
+``torchvision:<name>`` networks are built in ``deepopt.zoo`` (torchvision is imported only
+for them).
+
 Initialisation (``model.init``): ``keras`` (the default) is the lecture's, Keras' layer
 defaults: Glorot-uniform weights and zero biases. ``torch`` keeps PyTorch's defaults
 (Kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in))), whose weights
@@ -27,16 +40,20 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
+import torch
 from torch import nn
 
-from deepopt.config import ModelConfig
+from deepopt.config import ModelConfig, resnet_blocks
 from deepopt.errors import ConfigError, DataError
 
 __all__ = [
     "MLP",
     "LectureCNN",
+    "ResNet",
+    "ResidualBlock",
     "activation_layers",
     "build_model",
+    "head_name",
     "weight_layers",
 ]
 
@@ -156,18 +173,131 @@ class MLP(nn.Sequential):
         super().__init__(OrderedDict(layers))
 
 
+class _Shortcut(nn.Module):
+    """He et al.'s option A: identity, or every second pixel with zero channels appended
+    where a block halves the size and widens: [B, c_in, h, w] -> [B, c_out, ceil(h/s), ...]."""
+
+    def __init__(self, stride: int, added_channels: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.added_channels = added_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]  # the 3x3/stride-2 conv's output grid
+        if self.added_channels:
+            x = nn.functional.pad(x, (0, 0, 0, 0, 0, self.added_channels))  # zero channels
+        return x
+
+
+class ResidualBlock(nn.Module):
+    """conv1 -> bn1 -> act1 -> conv2 -> bn2 -> (+ shortcut) -> act2, 3x3 convolutions.
+
+    Without ``skip`` the block has no shortcut at all: a plain two-layer stack.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        stride: int,
+        *,
+        skip: bool,
+        batchnorm: bool,
+        activation: str,
+    ) -> None:
+        super().__init__()
+        # [B, in, h, w] -> [B, channels, ceil(h / stride), ceil(w / stride)]
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=not batchnorm)
+        self.bn1 = nn.BatchNorm2d(channels) if batchnorm else nn.Identity()
+        self.act1 = _activation(activation)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=not batchnorm)
+        self.bn2 = nn.BatchNorm2d(channels) if batchnorm else nn.Identity()
+        self.shortcut = _Shortcut(stride, channels - in_channels) if skip else None
+        self.act2 = _activation(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+        if self.shortcut is not None:
+            out = out + self.shortcut(x)
+        return self.act2(out)  # type: ignore[no-any-return]
+
+
+class ResNet(nn.Sequential):
+    """He et al.'s CIFAR ResNet with ``blocks`` residual blocks per stage, returning logits.
+
+    Shapes for a [B, 1, 28, 28] input and base_channels 16: conv0 [B, 16, 28, 28]
+    -> stage1 [B, 16, 28, 28] -> stage2 [B, 32, 14, 14] -> stage3 [B, 64, 7, 7]
+    -> pool [B, 64, 1, 1] -> flatten [B, 64] -> logits [B, num_classes]. (32x32: 32, 16, 8.)
+    """
+
+    def __init__(
+        self,
+        *,
+        image_shape: tuple[int, int, int],
+        blocks: int,
+        base_channels: int,
+        num_classes: int,
+        skip: bool,
+        batchnorm: bool,
+        activation: str,
+        dropout: float,
+    ) -> None:
+        in_channels = image_shape[0]
+        layers: list[tuple[str, nn.Module]] = [
+            ("conv0", nn.Conv2d(in_channels, base_channels, 3, 1, 1, bias=not batchnorm)),
+        ]
+        if batchnorm:
+            layers.append(("bn0", nn.BatchNorm2d(base_channels)))
+        layers.append(("act0", _activation(activation)))
+        previous = base_channels
+        for stage in range(1, 4):
+            channels = base_channels * 2 ** (stage - 1)
+            stage_blocks: OrderedDict[str, nn.Module] = OrderedDict(
+                (
+                    f"block{index}",
+                    ResidualBlock(
+                        previous if index == 1 else channels,
+                        channels,
+                        2 if stage > 1 and index == 1 else 1,
+                        skip=skip,
+                        batchnorm=batchnorm,
+                        activation=activation,
+                    ),
+                )
+                for index in range(1, blocks + 1)
+            )
+            layers.append((f"stage{stage}", nn.Sequential(stage_blocks)))
+            previous = channels
+        layers += [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]
+        if dropout > 0.0:
+            layers.append(("drop", nn.Dropout(dropout)))
+        layers.append(("logits", nn.Linear(previous, num_classes)))  # -> [B, num_classes]
+        super().__init__(OrderedDict(layers))
+
+
 def build_model(
     cfg: ModelConfig,
     image_shape: tuple[int, int, int] = (1, 28, 28),
     num_classes: int = 10,
+    *,
+    load_weights: bool = True,
 ) -> nn.Module:
-    """The network named by ``cfg.name`` for images of ``image_shape`` = (C, H, W)."""
+    """The network named by ``cfg.name`` for images of ``image_shape`` = (C, H, W).
+
+    With ``load_weights`` (training) the network starts from ``cfg.weights`` when set;
+    without (rebuilding a trained network whose state dict follows) it is never read.
+    """
     if len(image_shape) != 3 or not all(isinstance(n, int) and n > 0 for n in image_shape):
         raise DataError(
             f"image shape {tuple(image_shape)} must be (channels, height, width) of positive ints"
         )
     if num_classes < 2:
         raise DataError(f"num_classes {num_classes} must be at least 2")
+    if cfg.name.startswith("torchvision:"):
+        from deepopt.zoo import build  # lazy: imports torchvision
+
+        return build(cfg, image_shape, num_classes, load_weights=load_weights)
     model = _build(cfg, image_shape, num_classes)
     if cfg.init == "keras":
         for _, layer in weight_layers(model):
@@ -175,6 +305,10 @@ def build_model(
             nn.init.xavier_uniform_(layer.weight)  # Keras' glorot_uniform
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
+    if load_weights and cfg.weights is not None:
+        from deepopt.zoo import load_weights_file  # the weight-file reader, with the I/O
+
+        load_weights_file(model, cfg.weights)
     return model
 
 
@@ -199,7 +333,18 @@ def _build(cfg: ModelConfig, image_shape: tuple[int, int, int], num_classes: int
             activation=cfg.activation,
             dropout=cfg.dropout,
         )
-    raise ConfigError(f"model.name: {cfg.name!r} is not one of lecture_cnn, mlp")
+    if cfg.name == "resnet":
+        return ResNet(
+            image_shape=image_shape,
+            blocks=resnet_blocks(cfg.depth),
+            base_channels=cfg.base_channels,
+            num_classes=num_classes,
+            skip=cfg.skip,
+            batchnorm=cfg.batchnorm,
+            activation=cfg.activation,
+            dropout=cfg.dropout,
+        )
+    raise ConfigError(f"model.name: {cfg.name!r} is not one of lecture_cnn, mlp, resnet")
 
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -209,6 +354,16 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
         for name, module in model.named_modules()
         if isinstance(module, nn.Conv2d | nn.Linear)
     ]
+
+
+def head_name(model: nn.Module) -> str:
+    """The classification layer: the last Conv/Linear (``logits`` in deepopt's networks;
+    torchvision's ``fc``/``classifier.*``). Registration order is forward order in all of
+    them."""
+    layers = weight_layers(model)
+    if not layers:
+        raise DataError(f"{type(model).__name__} has no Conv2d/Linear layer to use as its head")
+    return layers[-1][0]
 
 
 def activation_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

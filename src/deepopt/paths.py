@@ -11,6 +11,7 @@ from pathlib import Path
 __all__ = [
     "PARAMS_FILE",
     "PREPARED_DIR",
+    "TRANSFER_DIR",
     "checkpoint_dir",
     "eval_metrics_path",
     "history_path",
@@ -21,10 +22,18 @@ __all__ = [
     "repo_root",
     "run_info_path",
     "train_metrics_path",
+    "transfer_checkpoint_dir",
+    "transfer_metrics_path",
+    "transfer_model_path",
+    "transfer_plot_path",
+    "transfer_report_path",
 ]
 
 PARAMS_FILE = Path("params.yaml")
 PREPARED_DIR = Path("data/prepared")
+# The transfer pipeline (transfer/dvc.yaml) keeps all its outputs here, apart from the
+# main pipeline's metrics/ and plots/, which the report stage depends on as folders.
+TRANSFER_DIR = Path("transfer")
 
 
 def prepared_split_path(split: str) -> Path:
@@ -82,3 +91,27 @@ def repo_root(start: Path | None = None) -> Path:
         if (folder / ".dvc").is_dir() or (folder / ".git").exists():
             return folder
     return here
+
+
+def transfer_model_path() -> Path:
+    """The pretrained network: its weights, config, data statistics and MLflow run."""
+    return TRANSFER_DIR / "models" / "pretrain.pt"
+
+
+def transfer_metrics_path(stage: str) -> Path:
+    """transfer/metrics/{pretrain,finetune}.json."""
+    return TRANSFER_DIR / "metrics" / f"{stage}.json"
+
+
+def transfer_report_path() -> Path:
+    return TRANSFER_DIR / "report.md"
+
+
+def transfer_plot_path() -> Path:
+    """Test accuracy against labelled images per class, one line per mode."""
+    return TRANSFER_DIR / "accuracy_vs_size.png"
+
+
+def transfer_checkpoint_dir(root: str | Path, stage: str) -> Path:
+    """Checkpoints of the transfer stages, beside the experiments' (never a DVC out)."""
+    return Path(root) / "transfer" / stage
