@@ -54,19 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--experiment", metavar="NAME", help="an entry of params.yaml experiments (default: base)"
     )
-    train.add_argument(
-        "--overrides",
-        metavar="FILE",
-        type=Path,
-        help="YAML overrides applied on top (e.g. params/best.yaml); with it, a NAME that is "
-        "not an experiment only names the outputs and the base config is used",
-    )
     evaluate = _add_stage(
         sub, "evaluate", "test-set metrics and plots of a trained experiment, into its MLflow run"
     )
     evaluate.add_argument(
         "--experiment", metavar="NAME", help="an entry of params.yaml experiments (default: base)"
     )
+    for stage in (train, evaluate):
+        stage.add_argument(
+            "--overrides",
+            metavar="FILE",
+            type=Path,
+            help="YAML overrides applied on top (e.g. params/best.yaml); with it, a NAME that "
+            "is not an experiment only names the outputs and the base config is used",
+        )
     _add_stage(sub, "report", "write reports/lecture.md and its plots from metrics/ and plots/")
     _add_tune(sub)
     _add_stage(sub, "pretrain", "train on transfer.source; write transfer/models/pretrain.pt")

@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from deepopt import paths, tracking
-from deepopt.config import ModelConfig, Params, resolve_experiment
+from deepopt.config import ModelConfig, Params
 from deepopt.data import image_shape, load_prepared, normalize
 from deepopt.errors import DataError, TrackingError
 from deepopt.files import check_writable, write_bytes, write_json
@@ -47,7 +47,7 @@ from deepopt.metrics import (
 )
 from deepopt.models import build_model
 from deepopt.plots import plt
-from deepopt.train import BASE_EXPERIMENT
+from deepopt.train import BASE_EXPERIMENT, run_config
 from deepopt.training import evaluate_logits
 
 __all__ = [
@@ -493,9 +493,14 @@ def _ensemble_run(
 # The stage
 
 
-def main(params: Params, experiment: str | None = None, **_: object) -> dict[str, Any]:
+def main(
+    params: Params,
+    experiment: str | None = None,
+    overrides: Path | None = None,
+    **_: object,
+) -> dict[str, Any]:
     name = experiment or BASE_EXPERIMENT
-    config = resolve_experiment(params, experiment)
+    config = run_config(params, experiment, overrides)  # the config train used
     plots = paths.plots_dir(name)
     check_writable(
         paths.eval_metrics_path(name), plots / "confusion.png", plots / "misclassified.png"
