@@ -6,6 +6,7 @@ import copy
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +92,41 @@ def workspace(
 
     write()
     return write
+
+
+@dataclass(frozen=True)
+class Finished:
+    work: Path  # a repository folder: params.yaml, data/, models/, metrics/, plots/, reports/
+    store: Path  # its MLflow sqlite store's folder (mlflow.db + artifacts)
+
+
+@pytest.fixture(scope="session")
+def finished_workspace(tmp_path_factory: pytest.TempPathFactory, tiny_prepared: Path) -> Finished:
+    """prepare -> train -> evaluate -> report of experiment ``small`` (no logged model),
+    once per session: tests copy it with ``finished``."""
+    from deepopt import cli
+
+    root = tmp_path_factory.mktemp("finished")
+    work, store = root / "work", root / "mlruns"
+    shutil.copytree(tiny_prepared, work / "data" / "prepared")
+    with open(REPO / "params.yaml", encoding="utf-8") as handle:
+        params = tiny_params(yaml.safe_load(handle), mlflow={"log_model": False})
+    (work / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
+        for stage in ("train", "evaluate"):
+            assert cli.main([stage, "--experiment", "small"]) == 0, stage
+        assert cli.main(["report"]) == 0
+    return Finished(work=work, store=store)
+
+
+@pytest.fixture()
+def finished(finished_workspace: Finished, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of the finished workspace and its store; the test runs inside it.
+    The autouse store fixture already points MLFLOW_TRACKING_URI at the copied store."""
+    work = tmp_path / "work"
+    shutil.copytree(finished_workspace.work, work)
+    shutil.copytree(finished_workspace.store, tmp_path / "mlruns", dirs_exist_ok=True)
+    monkeypatch.chdir(work)
+    return work

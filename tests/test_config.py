@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import copy
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deepopt.cli import main as cli_main
 from deepopt.config import (
+    OPTIMIZER_KNOBS,
+    OPTIMIZER_NAMES,
+    SCHEDULE_KNOBS,
+    SCHEDULE_NAMES,
     Params,
     config_hash,
     load_params,
@@ -169,3 +176,116 @@ def test_cli_reports_one_line_and_exit_2_and_writes_nothing(
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("deepopt: error: params.yaml: optim.name: 'sgdd' is not one of")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+# ---------------------------------------------------------------------------------------
+# Property: any valid params.yaml survives load -> dump -> load unchanged
+
+_OPTIM_KNOBS = {
+    "momentum": st.floats(0.0, 0.99),
+    "eps": st.floats(1e-12, 1e-2),
+    "rho": st.floats(0.01, 0.99),
+    "betas": st.lists(st.floats(0.0, 0.999), min_size=2, max_size=2),
+}
+_SCHEDULE_KNOBS = {
+    "final_lr": st.floats(1e-8, 1.0),
+    "horizon": st.none() | st.integers(1, 200),
+    "decay": st.floats(1e-8, 0.99),
+    "monitor": st.sampled_from(["val_loss", "val_acc"]),
+    "factor": st.floats(0.01, 0.99),
+    "patience": st.integers(0, 20),
+    "min_delta": st.floats(0.0, 0.1),
+    "cooldown": st.integers(0, 5),
+    "min_lr": st.floats(1e-8, 0.1),  # cosine refuses 0
+    "step_size": st.integers(1, 50),
+    "gamma": st.floats(0.01, 1.0),
+    "warmup_epochs": st.integers(0, 5),
+}
+
+
+@st.composite
+def _variant(
+    draw: st.DrawFn, names: tuple[str, ...], knobs: dict[str, Any], values: dict[str, Any]
+) -> dict[str, Any]:
+    """A section naming one optimizer/schedule with a random subset of its own knobs."""
+    name = draw(st.sampled_from(names))
+    chosen = draw(st.lists(st.sampled_from(sorted(knobs[name]) or [""]), unique=True))
+    return {"name": name, **{key: draw(values[key]) for key in chosen if key}}
+
+
+_optim = _variant(OPTIMIZER_NAMES, OPTIMIZER_KNOBS, _OPTIM_KNOBS).flatmap(
+    lambda section: st.fixed_dictionaries(
+        {"lr": st.floats(1e-6, 10.0), "weight_decay": st.floats(0.0, 0.1)}
+    ).map(lambda numbers: {**section, **numbers})
+)
+_schedule = _variant(SCHEDULE_NAMES, SCHEDULE_KNOBS, _SCHEDULE_KNOBS)
+_text = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=12)
+_params = st.fixed_dictionaries(
+    {
+        "seed": st.integers(0, 2**31),
+        "data": st.fixed_dictionaries(
+            {
+                "name": st.sampled_from(["mnist", "fashion-mnist", "kmnist"]),
+                "train_subset": st.none() | st.integers(20, 60000),
+                "val_fraction": st.floats(0.01, 0.99),
+            }
+        ),
+        "model": st.fixed_dictionaries(
+            {
+                "name": st.sampled_from(["lecture_cnn", "mlp"]),
+                "batchnorm": st.booleans(),
+                "activation": st.sampled_from(["relu", "sigmoid", "tanh"]),
+                "dropout": st.floats(0.0, 0.9),
+                "conv_channels": st.lists(st.integers(1, 64), min_size=3, max_size=3),
+                "depth": st.integers(1, 12),
+            }
+        ),
+        "optim": _optim,
+        "schedule": _schedule,
+        "early_stop": st.fixed_dictionaries(
+            {
+                "enabled": st.booleans(),
+                "monitor": st.sampled_from(["val_loss", "val_acc"]),
+                "patience": st.integers(0, 20),
+                "mode": st.sampled_from(["auto", "min", "max"]),
+            }
+        ),
+        "train": st.fixed_dictionaries(
+            {
+                "epochs": st.integers(1, 200),
+                "batch_size": st.integers(1, 512),
+                "threads": st.none() | st.integers(1, 8),
+                "ensemble": st.integers(1, 5),
+                "precision": st.sampled_from(["fp32", "bf16"]),
+            }
+        ),
+        "mlflow": st.fixed_dictionaries({"experiment": _text, "log_model": st.booleans()}),
+        "matrix": st.fixed_dictionaries({"seeds": st.integers(1, 5)}),
+        "experiments": st.dictionaries(
+            st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True),
+            st.one_of(
+                st.just({}),
+                _optim.map(lambda section: {"optim": section}),
+                _schedule.map(lambda section: {"schedule": section}),
+                st.integers(1, 50).map(lambda epochs: {"train": {"epochs": epochs}}),
+            ),
+            max_size=3,
+        ),
+    }
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(raw=_params)
+def test_any_valid_params_survive_load_dump_load(raw: dict[str, Any]) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        first_file, second_file = Path(folder) / "params.yaml", Path(folder) / "dumped.yaml"
+        first_file.write_text(yaml.safe_dump(raw), encoding="utf-8")
+        first = load_params(first_file)
+        dumped = yaml.safe_dump(first.model_dump(mode="json"))
+        second_file.write_text(dumped, encoding="utf-8")
+        second = load_params(second_file)
+    assert second == first and config_hash(second) == config_hash(first)
+    assert yaml.safe_dump(second.model_dump(mode="json")) == dumped  # a fixed point
+    for name in raw["experiments"]:
+        assert resolve_experiment(second, name) == resolve_experiment(first, name)

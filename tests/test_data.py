@@ -368,6 +368,38 @@ def test_split_is_proportional_within_one_image_per_class(
         assert count <= size
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    class_sizes=st.lists(st.integers(0, 300), min_size=2, max_size=10).filter(
+        lambda sizes: sum(sizes) >= 2
+    ),
+    share=st.floats(0.01, 1.0),
+    val_fraction=st.floats(0.01, 0.99),
+    seed=st.integers(0, 2**31),
+)
+def test_train_and_validation_parts_are_disjoint_and_each_stratified(
+    class_sizes: list[int], share: float, val_fraction: float, seed: int
+) -> None:
+    labels = torch.cat([torch.full((n,), c, dtype=torch.uint8) for c, n in enumerate(class_sizes)])
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))]
+    subset = max(2, round(len(labels) * share))
+    n_val = math.floor(subset * val_fraction + 0.5)
+    if not 1 <= n_val < subset:
+        with pytest.raises(ConfigError, match=r"data\.val_fraction"):
+            stratified_split(labels, subset, val_fraction, seed)
+        return
+    train, val = stratified_split(labels, subset, val_fraction, seed)
+    assert set(train.tolist()).isdisjoint(val.tolist())
+    assert (train.numel(), val.numel()) == (subset - n_val, n_val)
+    val_counts = _per_class(labels, val)
+    chosen = [t + v for t, v in zip(_per_class(labels, train), val_counts, strict=True)]
+    # The validation part is a stratified sample of the subset: its per-class counts are
+    # the subset's shares of n_val within one image.
+    for val_count, subset_count in zip(val_counts, chosen, strict=True):
+        assert abs(val_count - n_val * subset_count / subset) < 1
+        assert val_count <= subset_count
+
+
 # ---------------------------------------------------------------------------------------
 # statistics and normalization
 
@@ -376,6 +408,20 @@ def test_pixel_stats_scale_to_unit_interval() -> None:
     images = torch.tensor([0, 255], dtype=torch.uint8).repeat(392).reshape(1, 28, 28)  # half 0
     mean, std = pixel_stats(images)
     assert mean == pytest.approx(0.5) and std == pytest.approx(0.5)
+
+
+def test_pixel_stats_are_the_same_whatever_the_thread_count() -> None:
+    # meta.json records them: a float reduction's last digits depend on the thread count.
+    images = tiny_images(3000)
+    previous = torch.get_num_threads()
+    try:
+        stats = set()
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            stats.add(pixel_stats(images))
+    finally:
+        torch.set_num_threads(previous)
+    assert len(stats) == 1
 
 
 def test_normalize_gives_float_nchw_with_zero_mean_unit_std() -> None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from deepopt.config import OPTIMIZER_NAMES, OptimConfig, ScheduleConfig
 from deepopt.errors import ConfigError, DeepoptError
-from deepopt.optim import LRSchedule, build_optimizer, build_schedule
+from deepopt.optim import COSINE_FLOOR, LRSchedule, build_optimizer, build_schedule
 
 LR0 = 0.02  # the lecture's SGD learning rate
 
@@ -239,7 +239,14 @@ def test_cosine_with_warmup_ends_at_min_lr() -> None:
 
 def test_cosine_without_warmup_starts_at_eta0() -> None:
     lrs = per_epoch(run(ScheduleConfig(name="cosine"), epochs=5, steps=1))
-    assert lrs == pytest.approx([LR0 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(5)])
+    floor = LR0 * COSINE_FLOOR  # the default min_lr: the last epoch trains too
+    expected = [floor + (LR0 - floor) * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(5)]
+    assert lrs == pytest.approx(expected) and lrs[-1] == pytest.approx(floor)
+
+
+def test_cosine_refuses_a_floor_of_zero() -> None:
+    with pytest.raises(ValueError, match=r"schedule\.min_lr: 0 would train cosine's last epoch"):
+        ScheduleConfig(name="cosine", min_lr=0.0)
 
 
 def test_cosine_warmup_must_leave_a_cosine_epoch() -> None:
@@ -403,6 +410,26 @@ def test_every_schedule_is_positive_finite_and_matches_its_formula(
             mode="max" if monitor == "val_acc" else "min",
         )
     assert by_epoch == pytest.approx(expected, rel=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    name=st.sampled_from(["constant", "linear", "inverse_time", "plateau", "step", "cosine"]),
+    lr0=st.floats(1e-5, 1.0),
+    epochs=st.integers(1, 120),
+    steps=st.integers(1, 3),
+    metric_steps=st.lists(st.integers(0, 3), min_size=120, max_size=120),
+)
+def test_every_schedule_with_its_default_knobs_trains_every_epoch_at_a_positive_rate(
+    name: str, lr0: float, epochs: int, steps: int, metric_steps: list[int]
+) -> None:
+    # The knobs a config leaves out: the case most runs are, over runs up to 120 epochs
+    # (the formulas with explicit knobs are checked above).
+    metrics = [0.5 + 0.1 * m for m in metric_steps]  # mostly no improvement: plateau reduces
+    lrs = run(ScheduleConfig(name=name), lr0=lr0, epochs=epochs, steps=steps, metrics=metrics)
+    flat = [lr for used in lrs for lr in used]
+    assert len(flat) == epochs * steps
+    assert all(math.isfinite(lr) and 0 < lr <= lr0 for lr in flat)
 
 
 # --- optimizers -------------------------------------------------------------------------

@@ -166,3 +166,40 @@ def test_missing_prepared_data_is_a_one_line_error(
     assert cli.main(["train", "--experiment", "small"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "prepare" in err
+
+
+def test_training_again_after_it_finished_reuses_the_member_and_its_run(
+    workspace: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = workspace()
+    first = _train(capsys)
+    outputs = ("models/small/model.pt", "metrics/small/train.json", "plots/small/history.csv")
+    written = {name: (work / name).read_bytes() for name in outputs}
+    (run,) = _runs(work)
+    (work / "models" / "small" / "model.pt").unlink()  # as `dvc repro` after a lost output
+
+    assert _train(capsys) == first
+    assert {name: (work / name).read_bytes() for name in outputs} == written
+    (again,) = _runs(work)  # no new run, and the finished one untouched
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert again.info.end_time == run.info.end_time and again.data.metrics == run.data.metrics
+
+
+def test_a_finished_checkpoint_whose_run_was_deleted_trains_a_complete_new_run(
+    workspace: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = workspace()
+    first = _train(capsys)
+    (run,) = _runs(work)
+    MlflowClient().delete_run(run.info.run_id)
+
+    assert _train(capsys) == {**first, "train_seconds": _train_seconds(work)}
+    (new,) = _runs(work)
+    assert new.info.run_id != run.info.run_id and new.info.status == "FINISHED"
+    steps = [m.step for m in MlflowClient().get_metric_history(new.info.run_id, "val_loss")]
+    assert sorted(steps) == [0, 1, 2]
+
+
+def _train_seconds(work: Path) -> float:
+    seconds: float = json.loads((work / "metrics/small/train.json").read_text())["train_seconds"]
+    return seconds

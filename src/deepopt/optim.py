@@ -11,6 +11,7 @@ rate ``eta0`` (the ``lr_lambda`` of ``torch.optim.lr_scheduler.LambdaLR``):
 - cosine:        warmup eta0 (k + 1) / (W + 1) for k < W, then
                  min_lr + (eta0 - min_lr) (1 + cos(pi t)) / 2,
                  t = (k - W) / (E - 1 - W), reaching min_lr at the last epoch E - 1
+                 (min_lr defaults to eta0 / 100: every epoch trains at a positive rate)
 - plateau:       Keras' ReduceLROnPlateau on the monitored validation metric (per epoch)
 
 ``LRSchedule`` hides which of these step per batch and which per epoch: a training loop
@@ -33,6 +34,7 @@ from deepopt.config import OPTIMIZER_KNOBS, SCHEDULE_KNOBS, OptimConfig, Schedul
 from deepopt.errors import ConfigError, DeepoptError
 
 __all__ = [
+    "COSINE_FLOOR",
     "PER_BATCH_SCHEDULES",
     "LRSchedule",
     "build_optimizer",
@@ -45,6 +47,8 @@ __all__ = [
 
 # Schedules that change the rate after every batch; all others change it after an epoch.
 PER_BATCH_SCHEDULES = frozenset({"inverse_time"})
+# cosine's default min_lr as a fraction of eta0: its last epoch still trains.
+COSINE_FLOOR = 0.01
 
 
 def _knob(value: Any, table: Mapping[str, Mapping[str, Any]], name: str, key: str) -> Any:
@@ -258,7 +262,8 @@ def build_schedule(
         return LRSchedule(cfg.name, scheduler, optimizer)
 
     elif cfg.name == "cosine":
-        warmup_epochs, min_lr = int(knob("warmup_epochs")), float(knob("min_lr"))
+        warmup_epochs, floor = int(knob("warmup_epochs")), knob("min_lr")
+        min_lr = lr0 * COSINE_FLOOR if floor is None else float(floor)
         if warmup_epochs >= epochs:
             raise ConfigError(
                 f"schedule.warmup_epochs: {warmup_epochs} must be less than train.epochs "

@@ -32,10 +32,10 @@ from deepopt.config import (
 )
 from deepopt.data import PreparedData, load_prepared, normalize
 from deepopt.errors import ConfigError, DivergedError
-from deepopt.files import write_json, write_text, write_torch
+from deepopt.files import check_writable, write_json, write_text, write_torch
 from deepopt.models import build_model
 from deepopt.optim import build_optimizer, build_schedule
-from deepopt.training import FitResult, LoopState, fit
+from deepopt.training import EarlyStopping, FitResult, LoopState, fit
 
 __all__ = [
     "BASE_EXPERIMENT",
@@ -138,10 +138,21 @@ def train_tracked(
     path = checkpoint_file(checkpoint_dir, config, member.seed, data_meta["digest"])
     saved = load_checkpoint(path)
     previous_run = saved.get("run_id") if saved else None
+    if previous_run is not None and not tracking.run_exists(previous_run):
+        previous_run = None  # not in this store (deleted, another store): a new run
+    if saved is not None and saved.get("finished"):
+        if previous_run is not None:
+            # Trained before with this config, seed and data: the same network again, and
+            # its MLflow run stays as it ended.
+            model = _new_model(config, tensors, data_meta)
+            model.load_state_dict(_kept_weights(saved["loop"], config))
+            result = _finished_result(saved["loop"], config)
+            return MemberResult(member=member, run_id=previous_run, fit=result, model=model)
+        saved = None  # its run is gone: train anew and record a complete run
     run_id = tracking.start_run(
         experiment_id,
         run_name,
-        run_id=previous_run if previous_run and tracking.run_exists(previous_run) else None,
+        run_id=previous_run,
         parent_run_id=parent_run_id,
         tags={
             **(tags or {}),
@@ -150,34 +161,11 @@ def train_tracked(
             "replica": str(member.replica),
         },
     )
-    tracking.log_params(run_id, {**config.model_dump(mode="json"), "seed": member.seed})
-    images, labels = tensors["train"]
-    tracking.log_dataset(
-        run_id,
-        f"{config.data.name}-train",
-        images.numpy(),
-        labels.numpy(),
-        source=str(paths.prepared_split_path("train")),
-        digest=data_meta["digest"][:36],
-    )
-    start = LoopState.from_dict(saved["loop"]) if saved else None
-    if start is not None:
-        _relog_missing_epochs(run_id, start.history)
 
-    torch.manual_seed(member.seed)  # weight init
-    image_shape = tuple(tensors["train"][0].shape[1:])
-    model = build_model(config.model, image_shape=image_shape, num_classes=data_meta["num_classes"])  # type: ignore[arg-type]
-    if config.train.precision == "bf16":
-        model = model.to(memory_format=torch.channels_last)  # bf16 without it is ~30x slower here
-    optimizer = build_optimizer(model.parameters(), config.optim)
-    steps_per_epoch = -(-len(tensors["train"][0]) // config.train.batch_size)
-    schedule = build_schedule(
-        optimizer, config.schedule, epochs=config.train.epochs, steps_per_epoch=steps_per_epoch
-    )
-
-    progress = _progress(f"{run_name} seed {member.seed}", config.train.epochs)
+    latest: list[LoopState] = []  # the state after the last epoch trained here
 
     def after_epoch(state: LoopState) -> None:
+        latest[:] = [state]
         save_checkpoint(path, {"loop": state.to_dict(), "run_id": run_id, "finished": False})
         record = state.history[-1]
         tracking.log_epoch(
@@ -187,7 +175,30 @@ def train_tracked(
         if on_epoch is not None:
             on_epoch(state)
 
+    # From here on every way out ends the run (KILLED on Ctrl-C/SIGTERM): none stays RUNNING.
     with tracking.ending_run(run_id):
+        tracking.log_params(run_id, {**config.model_dump(mode="json"), "seed": member.seed})
+        images, labels = tensors["train"]
+        tracking.log_dataset(
+            run_id,
+            f"{config.data.name}-train",
+            images.numpy(),
+            labels.numpy(),
+            source=str(paths.prepared_split_path("train")),
+            digest=data_meta["digest"][:36],
+        )
+        start = LoopState.from_dict(saved["loop"]) if saved else None
+        if start is not None:
+            _relog_missing_epochs(run_id, start.history)
+
+        torch.manual_seed(member.seed)  # weight init
+        model = _new_model(config, tensors, data_meta)
+        optimizer = build_optimizer(model.parameters(), config.optim)
+        steps_per_epoch = -(-len(tensors["train"][0]) // config.train.batch_size)
+        schedule = build_schedule(
+            optimizer, config.schedule, epochs=config.train.epochs, steps_per_epoch=steps_per_epoch
+        )
+        progress = _progress(f"{run_name} seed {member.seed}", config.train.epochs)
         result = fit(
             model,
             optimizer,
@@ -212,10 +223,46 @@ def train_tracked(
                 f"{run_name} (seed {member.seed}) diverged: {reason}; try a lower optim.lr"
             )
         _log_run_end(run_id, config, model, result, tensors["val"][0][:5])
-        save_checkpoint(
-            path, {"loop": _final_state(result, model), "run_id": run_id, "finished": True}
-        )
+        # The whole last state (optimizer and RNGs too): a tune retry can continue it.
+        final = latest[0] if latest else start
+        loop = final.to_dict() if final is not None else _final_state(result, model)
+        save_checkpoint(path, {"loop": loop, "run_id": run_id, "finished": True})
     return MemberResult(member=member, run_id=run_id, fit=result, model=model)
+
+
+def _new_model(
+    config: RunConfig,
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    data_meta: dict[str, Any],
+) -> nn.Module:
+    image_shape = tuple(tensors["train"][0].shape[1:])
+    model = build_model(config.model, image_shape=image_shape, num_classes=data_meta["num_classes"])  # type: ignore[arg-type]
+    if config.train.precision == "bf16":
+        model = model.to(memory_format=torch.channels_last)  # bf16 without it is ~30x slower here
+    return model
+
+
+def _finished_result(loop: dict[str, Any], config: RunConfig) -> FitResult:
+    """The FitResult of a finished member, from its history (pure): a run shorter than
+    train.epochs stopped early; the best epoch is replayed with the early-stopping rule."""
+    history = list(loop["history"])
+    stopper = EarlyStopping(config.early_stop)
+    for record in history:
+        stopper.update(int(record["epoch"]), record)
+    return FitResult(
+        history=history,
+        epochs_run=len(history),
+        stop_reason="max_epochs" if len(history) >= config.train.epochs else "early_stop",
+        best_epoch=stopper.best_epoch,
+        train_seconds=sum(record["seconds"] for record in history),
+    )
+
+
+def _kept_weights(loop: dict[str, Any], config: RunConfig) -> dict[str, Any]:
+    """The weights a finished member ended with: its best epoch's with restore_best."""
+    best = loop.get("best_model")
+    weights: dict[str, Any] = best if config.early_stop.restore_best and best else loop["model"]
+    return weights
 
 
 def _final_state(result: FitResult, model: nn.Module) -> dict[str, Any]:
@@ -319,6 +366,13 @@ def main(
 ) -> dict[str, Any]:
     name = experiment or (Path(overrides).stem if overrides else BASE_EXPERIMENT)
     config = run_config(params, experiment, overrides)
+    check_writable(
+        paths.model_path(name),
+        paths.run_info_path(name),
+        paths.train_metrics_path(name),
+        paths.history_path(name),
+        paths.checkpoint_dir(config.train.checkpoint_dir, name) / "member.pt",  # any checkpoint
+    )
     data = load_prepared(config.data, config.seed)
     torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
     tensors = split_tensors(data, config.train.precision, config.train.fit_on)

@@ -45,12 +45,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any, Literal
 
 import numpy as np
@@ -83,7 +84,7 @@ from deepopt.config import (
 )
 from deepopt.data import load_prepared
 from deepopt.errors import EXIT_INTERRUPTED, ConfigError, DataError, DeepoptError, DivergedError
-from deepopt.files import write_text
+from deepopt.files import check_writable, write_text
 from deepopt.train import BASE_EXPERIMENT, Member, split_tensors, train_tracked
 from deepopt.training import LoopState
 
@@ -326,7 +327,11 @@ def open_storage(url: str, tune: TuneConfig, key: str = "tune.storage") -> Study
 
     engine_kwargs: dict[str, Any] = {}
     if scheme == "sqlite":
-        Path(url.split(":///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(url.split(":///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            folder = f"cannot create the folder of its file ({err.strerror or err})"
+            raise DeepoptError(f"Optuna storage {url}: {folder}") from None
         # Writers (workers, heartbeats) wait for the file lock instead of failing after 5 s.
         engine_kwargs["connect_args"] = {"timeout": 60}
     shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
@@ -453,6 +458,36 @@ def _claim_lock(
     return _ClaimLock(path)
 
 
+class _HeldInterrupts:
+    """Ctrl-C and SIGTERM wait from the end of a trial's training until Optuna has recorded
+    the trial: an interrupt in between would fail a trained trial, and its retry would
+    train it again."""
+
+    def __init__(self) -> None:
+        self._previous: dict[int, Any] = {}
+        self._caught = False
+
+    def hold(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set there (and only it gets signals)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._catch)
+
+    def _catch(self, signum: int, frame: FrameType | None) -> None:
+        self._caught = True
+
+    def release(self) -> bool:
+        """Restore the handlers; whether an interrupt came while they were held."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+        caught, self._caught = self._caught, False
+        return caught
+
+
+_HELD = _HeldInterrupts()
+
+
 def run_trials(
     study: optuna.Study,
     objective: Callable[[optuna.Trial], float],
@@ -485,7 +520,12 @@ def run_trials(
             finished = sum(t.state in FINISHED for t in trials)
             running = sum(t.state == TrialState.RUNNING for t in trials)
             if finished + running < n_trials:
-                study.optimize(claimed, n_trials=1)
+                try:
+                    study.optimize(claimed, n_trials=1)
+                finally:
+                    interrupted = _HELD.release()
+                if interrupted:
+                    raise KeyboardInterrupt  # the trial it waited for is recorded
                 ran += 1
                 continue
         if running == 0 or not storage.heartbeat:
@@ -515,12 +555,16 @@ def _trial_runs(session: _Session, number: int, status: str | None = None) -> li
     return tracking.find_runs(session.experiment_id, tags=tags, status=status)
 
 
-def _mark_runs(session: _Session, number: int, state: str, reason: str) -> None:
-    """Tag the trial's run with its final state; end it if training left it running."""
+def _mark_runs(
+    session: _Session, number: int, state: str, reason: str, interrupted: bool = False
+) -> None:
+    """Tag the trial's run with its final state; end it if training left it running
+    (KILLED when pruned or interrupted, else FAILED)."""
     for run_id in _trial_runs(session, number):
         tracking.set_tags(run_id, {STATE_TAG: state})
         if tracking.run_status(run_id) == "RUNNING":
-            tracking.end_run(run_id, "KILLED" if state == "PRUNED" else "FAILED", reason=reason)
+            killed = state == "PRUNED" or interrupted
+            tracking.end_run(run_id, "KILLED" if killed else "FAILED", reason=reason)
 
 
 def _adopt_checkpoint(previous: Path, folder: Path, config: RunConfig, digest: str) -> int:
@@ -533,9 +577,12 @@ def _adopt_checkpoint(previous: Path, folder: Path, config: RunConfig, digest: s
     except DataError as err:  # a damaged file: the retry starts from scratch
         _log.warning("not continuing %s: %s", source, err)
         saved = None
-    if saved is None or saved.get("finished"):
+    if saved is None or saved["loop"].get("optimizer") is None:  # nothing, or not resumable
         return 0
-    save_checkpoint(checkpoint_file(folder, config, config.seed, digest), {**saved, "run_id": None})
+    # A finished one too (its process died before Optuna recorded the trial): the retry
+    # then trains no epoch again, it only records the run.
+    adopted = {**saved, "run_id": None, "finished": False}
+    save_checkpoint(checkpoint_file(folder, config, config.seed, digest), adopted)
     shutil.rmtree(previous, ignore_errors=True)
     return int(saved["loop"]["epochs_done"])
 
@@ -602,7 +649,7 @@ def _objective(session: _Session) -> Callable[[optuna.Trial], float]:
         except KeyboardInterrupt as err:
             reason = f"interrupted ({err or 'Ctrl-C or SIGTERM'}); queued again"
             trial.set_user_attr("reason", reason)
-            _mark_runs(session, number, "FAIL", reason)
+            _mark_runs(session, number, "FAIL", reason, interrupted=True)
             _requeue(trial.study, number)
             raise
         except Exception as err:
@@ -610,6 +657,7 @@ def _objective(session: _Session) -> Callable[[optuna.Trial], float]:
             trial.set_user_attr("reason", reason)
             _mark_runs(session, number, "FAIL", reason)
             raise
+        _HELD.hold()  # trained: an interrupt now waits until Optuna has recorded the trial
         fit = result.fit
         trial.set_user_attr("reason", fit.stop_reason)
         trial.set_user_attr("epochs_run", fit.epochs_run)
@@ -843,10 +891,15 @@ def main(
     total = tune.n_trials if n_trials is None else n_trials
     if total < 1:
         raise ConfigError(f"--n-trials: {total} must be at least 1")
+    base = resolve_experiment(params, tune.experiment)
+    # Before the study: it must not run for hours and then fail to write its result.
+    check_writable(
+        *([] if worker else [BEST_PARAMS]),
+        paths.checkpoint_dir(base.train.checkpoint_dir, "tune") / "claim.lock",
+    )
     url = storage or tune.storage
     handle = open_storage(url, tune, key="--storage" if storage else "tune.storage")
     experiment = tune.experiment or BASE_EXPERIMENT
-    base = resolve_experiment(params, tune.experiment)
     start = trial_config(base, {}, tune)
     data = load_prepared(base.data, base.seed)
     name = study_name or tune.study_name
