@@ -72,8 +72,11 @@ def build_optimizer(
 
     lr, weight_decay = cfg.lr, cfg.weight_decay
     optim = torch.optim
+    # fused: one kernel for all parameters instead of a few ops per tensor; the lecture
+    # CNN's SGD step takes ~1 ms instead of ~8 (benchmarks/bench_train.py), bitwise equal
+    # for SGD and within 1e-6 for Adam/AdamW/Adagrad. RMSprop has no fused kernel: foreach.
     if cfg.name == "sgd":
-        return optim.SGD(parameters, lr=lr, momentum=0.0, weight_decay=weight_decay)
+        return optim.SGD(parameters, lr=lr, momentum=0.0, weight_decay=weight_decay, fused=True)
     if cfg.name in ("momentum", "nesterov"):
         return optim.SGD(
             parameters,
@@ -81,9 +84,12 @@ def build_optimizer(
             momentum=knob("momentum"),
             nesterov=cfg.name == "nesterov",
             weight_decay=weight_decay,
+            fused=True,
         )
     if cfg.name == "adagrad":
-        return optim.Adagrad(parameters, lr=lr, eps=knob("eps"), weight_decay=weight_decay)
+        return optim.Adagrad(
+            parameters, lr=lr, eps=knob("eps"), weight_decay=weight_decay, fused=True
+        )
     if cfg.name == "rmsprop":
         return optim.RMSprop(
             parameters,
@@ -92,6 +98,7 @@ def build_optimizer(
             eps=knob("eps"),
             momentum=knob("momentum"),
             weight_decay=weight_decay,
+            foreach=True,
         )
     if cfg.name in ("adam", "adamw"):
         adam = optim.Adam if cfg.name == "adam" else optim.AdamW
@@ -102,6 +109,7 @@ def build_optimizer(
             betas=(betas[0], betas[1]),
             eps=knob("eps"),
             weight_decay=weight_decay,
+            fused=True,
         )
     allowed = ", ".join(OPTIMIZER_KNOBS)
     raise ConfigError(f"optim.name: {cfg.name!r} is not one of {allowed}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepopt import paths, tracking
+from deepopt import distributed, paths, tracking
 from deepopt.checkpoint import checkpoint_file, load_checkpoint, save_checkpoint
 from deepopt.config import (
     Params,
@@ -35,7 +34,7 @@ from deepopt.errors import ConfigError, DivergedError
 from deepopt.files import check_writable, write_json, write_text, write_torch
 from deepopt.models import build_model
 from deepopt.optim import build_optimizer, build_schedule
-from deepopt.training import EarlyStopping, FitResult, LoopState, fit
+from deepopt.training import EarlyStopping, FitResult, LoopState, fit, steps_per_epoch
 
 __all__ = [
     "BASE_EXPERIMENT",
@@ -127,21 +126,27 @@ def train_tracked(
     tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
     on_epoch: Callable[[LoopState], None] | None = None,
+    parallel: distributed.ProcessGroup | None = None,
+    setup: Callable[[nn.Module], list[dict[str, Any]]] | None = None,
 ) -> MemberResult:
     """Train one member with checkpoints and MLflow; raise DivergedError on NaN loss.
 
     A checkpoint of the same config, seed and data is continued (or, when finished,
     reused); its MLflow run is continued too, and epochs the tracking store lost to a
     kill are logged again. ``on_epoch`` runs after the checkpoint and the logging (tune's
-    pruning hook raises from it).
+    pruning hook raises from it). With ``parallel`` this is rank 0 of a torchrun job; the
+    other processes run ``_follow`` alongside. ``setup`` takes the freshly built network
+    (e.g. loads pretrained weights, freezes layers) and returns the optimizer's param groups.
     """
-    path = checkpoint_file(checkpoint_dir, config, member.seed, data_meta["digest"])
+    world_size = parallel.world_size if parallel is not None else 1
+    path = checkpoint_file(checkpoint_dir, config, member.seed, data_meta["digest"], world_size)
     saved = load_checkpoint(path)
     previous_run = saved.get("run_id") if saved else None
     if previous_run is not None and not tracking.run_exists(previous_run):
         previous_run = None  # not in this store (deleted, another store): a new run
     if saved is not None and saved.get("finished"):
         if previous_run is not None:
+            _share_start(parallel, saved)
             # Trained before with this config, seed and data: the same network again, and
             # its MLflow run stays as it ended.
             model = _new_model(config, tensors, data_meta)
@@ -149,6 +154,7 @@ def train_tracked(
             result = _finished_result(saved["loop"], config)
             return MemberResult(member=member, run_id=previous_run, fit=result, model=model)
         saved = None  # its run is gone: train anew and record a complete run
+    _share_start(parallel, saved)
     run_id = tracking.start_run(
         experiment_id,
         run_name,
@@ -191,29 +197,9 @@ def train_tracked(
         if start is not None:
             _relog_missing_epochs(run_id, start.history)
 
-        torch.manual_seed(member.seed)  # weight init
-        model = _new_model(config, tensors, data_meta)
-        optimizer = build_optimizer(model.parameters(), config.optim)
-        steps_per_epoch = -(-len(tensors["train"][0]) // config.train.batch_size)
-        schedule = build_schedule(
-            optimizer, config.schedule, epochs=config.train.epochs, steps_per_epoch=steps_per_epoch
-        )
         progress = _progress(f"{run_name} seed {member.seed}", config.train.epochs)
-        result = fit(
-            model,
-            optimizer,
-            schedule,
-            tensors["train"],
-            tensors["val"],
-            epochs=config.train.epochs,
-            batch_size=config.train.batch_size,
-            early_stop=config.early_stop,
-            seed=member.seed,
-            eval_batch_size=config.train.eval_batch_size,
-            precision=config.train.precision,
-            diagnostics=config.train.diagnostics,
-            start=start,
-            on_epoch_end=after_epoch,
+        model, result = _fit_member(
+            config, tensors, data_meta, member.seed, start, after_epoch, parallel, setup
         )
         if result.stop_reason == "diverged":
             reason = f"loss became NaN/inf in epoch {result.epochs_run + 1}"
@@ -228,6 +214,73 @@ def train_tracked(
         loop = final.to_dict() if final is not None else _final_state(result, model)
         save_checkpoint(path, {"loop": loop, "run_id": run_id, "finished": True})
     return MemberResult(member=member, run_id=run_id, fit=result, model=model)
+
+
+def _fit_member(
+    config: RunConfig,
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    data_meta: dict[str, Any],
+    seed: int,
+    start: LoopState | None,
+    on_epoch_end: Callable[[LoopState], None] | None,
+    parallel: distributed.ProcessGroup | None,
+    setup: Callable[[nn.Module], list[dict[str, Any]]] | None = None,
+) -> tuple[nn.Module, FitResult]:
+    """Build the member's network, optimizer and schedule and train it (every process of
+    a torchrun job runs this with the same arguments, rank 0 with its callback)."""
+    torch.manual_seed(seed)  # weight init
+    model = _new_model(config, tensors, data_meta)
+    optimizer = build_optimizer(
+        setup(model) if setup is not None else model.parameters(), config.optim
+    )
+    world_size = parallel.world_size if parallel is not None else 1
+    steps = steps_per_epoch(len(tensors["train"][0]), config.train.batch_size, world_size)
+    schedule = build_schedule(
+        optimizer, config.schedule, epochs=config.train.epochs, steps_per_epoch=steps
+    )
+    result = fit(
+        model,
+        optimizer,
+        schedule,
+        tensors["train"],
+        tensors["val"],
+        epochs=config.train.epochs,
+        batch_size=config.train.batch_size,
+        early_stop=config.early_stop,
+        seed=seed,
+        eval_batch_size=config.train.eval_batch_size,
+        precision=config.train.precision,
+        diagnostics=config.train.diagnostics,
+        start=start,
+        on_epoch_end=on_epoch_end,
+        parallel=parallel,
+    )
+    return model, result
+
+
+def _share_start(parallel: distributed.ProcessGroup | None, saved: dict[str, Any] | None) -> None:
+    """Under torchrun, the other processes start (or skip) the member where rank 0 does."""
+    if parallel is not None:
+        parallel.broadcast(saved)
+
+
+def _follow(
+    config: RunConfig,
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    data_meta: dict[str, Any],
+    member: Member,
+    parallel: distributed.ProcessGroup,
+) -> None:
+    """A process of rank > 0: trains its shards in step with rank 0, which decides where
+    to start (its checkpoint) and alone writes checkpoints, outputs and MLflow records."""
+    saved: dict[str, Any] | None = parallel.broadcast(None)
+    if saved is not None and saved.get("finished"):
+        return
+    start = LoopState.from_dict(saved["loop"]) if saved else None
+    _, result = _fit_member(config, tensors, data_meta, member.seed, start, None, parallel)
+    if result.stop_reason == "diverged":
+        raise DivergedError(f"rank {parallel.rank}: seed {member.seed} diverged with rank 0")
 
 
 def _new_model(
@@ -366,16 +419,23 @@ def main(
 ) -> dict[str, Any]:
     name = experiment or (Path(overrides).stem if overrides else BASE_EXPERIMENT)
     config = run_config(params, experiment, overrides)
-    check_writable(
-        paths.model_path(name),
-        paths.run_info_path(name),
-        paths.train_metrics_path(name),
-        paths.history_path(name),
-        paths.checkpoint_dir(config.train.checkpoint_dir, name) / "member.pt",  # any checkpoint
-    )
+    # Under torchrun: one of WORLD_SIZE processes; only rank 0 writes and records.
+    parallel = distributed.join_from_env(config.train.sync_batchnorm)
+    if parallel is None or parallel.is_main:
+        check_writable(
+            paths.model_path(name),
+            paths.run_info_path(name),
+            paths.train_metrics_path(name),
+            paths.history_path(name),
+            paths.checkpoint_dir(config.train.checkpoint_dir, name) / "member.pt",  # any
+        )
     data = load_prepared(config.data, config.seed)
-    torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
+    torch.set_num_threads(config.train.threads or distributed.default_threads())
     tensors = split_tensors(data, config.train.precision, config.train.fit_on)
+    if parallel is not None and not parallel.is_main:
+        for member in members_of(config, params.matrix.seeds):
+            _follow(config, tensors, data_meta=data.meta, member=member, parallel=parallel)
+        return {"experiment": name, "rank": parallel.rank}
     tracking.configure()
     experiment_id = tracking.ensure_experiment(config.mlflow.experiment)
     tags = {
@@ -385,6 +445,8 @@ def main(
     }
     if params.experiments:
         tags["matrix"] = config.mlflow.experiment
+    if parallel is not None:
+        tags["world_size"] = str(parallel.world_size)  # global batch: world_size x batch_size
     results = [
         train_tracked(
             config,
@@ -395,6 +457,7 @@ def main(
             member=member,
             checkpoint_dir=paths.checkpoint_dir(config.train.checkpoint_dir, name),
             tags=tags,
+            parallel=parallel,
         )
         for member in members_of(config, params.matrix.seeds)
     ]

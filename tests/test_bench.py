@@ -1,0 +1,71 @@
+"""The training benchmark script runs end to end in its quickest mode on tiny data.
+
+No timing is asserted: only that every section produces its rows and the JSON is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from deepopt.data import DEBIAN_FASHION_MNIST
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "bench_train.py"
+
+
+def test_quick_run_writes_table_and_json(tmp_path: Path) -> None:
+    if not DEBIAN_FASHION_MNIST.is_dir():
+        pytest.skip(f"{DEBIAN_FASHION_MNIST} is missing: run `make setup`")
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--quick",
+            "--subset",
+            "100",
+            "--threads",
+            "1",
+            "--only",
+            "epoch,eval,cli",
+            "--contenders",
+            "abce",
+            "--eval-images",
+            "500",
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (result_file,) = out.glob("bench-*.json")
+    results = json.loads(result_file.read_text())
+
+    epoch = results["epoch"]
+    assert epoch["train_images"] == 90 and epoch["batch_size"] == 50
+    assert sorted(epoch["contenders"]) == ["a", "b", "c", "e"]
+    for row in epoch["contenders"].values():
+        assert len(row["epochs_s"]) == 3 and row["median_s"] > 0
+        assert 0.0 <= row["test_acc"] <= 1.0
+    assert epoch["flops_per_image"]["train_step"] > epoch["flops_per_image"]["forward"] > 0
+    assert [(r["precision"], r["images"]) for r in results["eval"]["rows"]] == [
+        ("fp32", 500),
+        ("bf16", 500),
+    ]
+    assert results["cli"]["heavy_imports"] == []  # deepopt --help imports no torch/mlflow
+    targets = {t["target"] for t in results["targets"]}
+    assert any("(a) >= 0.95" in t for t in targets) and any("--help" in t for t in targets)
+    assert "| (b) bare PyTorch loop" in results["markdown"]
+    assert "| (b) bare PyTorch loop" in done.stdout
