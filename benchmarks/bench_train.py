@@ -26,12 +26,13 @@ size, optimizer (SGD 0.02 + Nesterov 0.9) and thread count:
      ``pip install -e '.[bench]'``)
   e  deepopt's fastest configuration (``FAST_TRAIN``), also ``train_tracked`` with tracking
   f  (e) with ``torch.compile`` of the model: the steady epoch and the compile time
+  g  (e) in the channels_last memory format: the layout choice, measured every run
 
 One epoch = a pass over the training images plus an evaluation of the validation images
 (every contender's fit reports val loss/accuracy per epoch, as the lecture's Keras fit).
 Each contender runs in its own thread and is released one epoch at a time: a warm-up epoch
 each (imports, setup, kernel selection, compilation), then the timed epochs round robin
-(a b c d e f a b c ...), so machine noise hits all alike. Medians are reported.
+(a b c ... g a b c ...), so machine noise hits all alike. Medians are reported.
 
 Compute efficiency = the model's training FLOPs (counted with torch.utils.flop_counter:
 forward + backward per training image, forward per validation image) per second of epoch,
@@ -47,6 +48,7 @@ import gzip
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import platform
 import shutil
@@ -54,11 +56,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,7 @@ CONTENDERS = {
     "d": "Keras 3, torch backend",
     "e": "deepopt fastest (tracking, checkpoints, progress)",
     "f": "deepopt fastest + torch.compile",
+    "g": "deepopt fastest in channels_last",
 }
 # (e): deepopt's fastest configuration on this CPU, chosen from this benchmark's numbers.
 FAST_TRAIN: dict[str, Any] = {"precision": "bf16"}
@@ -225,72 +228,117 @@ def epoch_flops(flops: dict[str, float], train_count: int, val_count: int) -> fl
 
 
 # ---------------------------------------------------------------------------------------
-# Interleaving: each contender in its own thread, released one epoch at a time
+# Interleaving: each contender in its own process, released one epoch at a time
+#
+# Processes, not threads: torch's OpenMP team of a non-main thread ran the lecture CNN's
+# epoch 1.6x (fp32) to 2.3x (bf16) slower than the main thread on 2 cores, while every
+# process here trains in its own main thread, as a user's script does.
 
 EpochDone = Callable[[], None]
 # runner(epochs, epoch_done): trains ``epochs`` epochs, calls epoch_done() after each.
 Runner = Callable[[int, EpochDone], None]
 
 
-class Lockstep:
-    """A contender in a thread that runs exactly one epoch per ``step()``.
+@dataclass(frozen=True)
+class Spec:
+    """Everything a contender process needs to build its runner (picklable)."""
 
-    The thread waits between epochs, so at any moment only one contender computes.
+    runner: str  # a contender letter, or "deepopt" (train_tracked with ``train``)
+    config: RunConfig
+    subset: int | None  # the training subset of its data (data.train_subset)
+    workdir: Path
+    experiment_id: str
+    threads: int
+    epochs: int  # including the warm-up epoch
+    train: dict[str, Any] = field(default_factory=dict)
+    run_name: str = "bench"
+
+
+def _contender_main(conn: Connection, spec: Spec) -> None:
+    """A contender process: set up, then one epoch per "go"; its own seconds per epoch."""
+    try:
+        torch.set_num_threads(spec.threads)
+        cfg = spec.config
+        data = build_data(
+            cfg.data.name, REPO / cfg.data.root, spec.subset, cfg.data.val_fraction, cfg.seed
+        )
+        tracking.configure(spec.workdir)
+        setup = Setup(cfg, data, spec.workdir, spec.experiment_id)
+        out = Outcome()
+        runner = make_runner(spec, setup, out)
+        conn.send(("ready", None))
+        conn.recv()
+        started = [time.perf_counter()]
+
+        def epoch_done() -> None:
+            conn.send(("epoch", time.perf_counter() - started[0]))
+            conn.recv()
+            started[0] = time.perf_counter()
+
+        runner(spec.epochs, epoch_done)
+        accuracy = None
+        if out.model is not None:
+            accuracy = test_accuracy(out.model, data.prepared, out.precision)
+        conn.send(("done", {"test_acc": accuracy, "val_acc": out.extra.get("val_acc")}))
+    except BaseException as err:
+        conn.send(("error", f"{type(err).__name__}: {' '.join(str(err).split())[:500]}"))
+    finally:
+        conn.close()
+
+
+class Lockstep:
+    """A contender process that trains exactly one epoch per ``step()``.
+
+    It waits between epochs, so at any moment only one contender computes.
     """
 
-    def __init__(self, name: str, runner: Runner, epochs: int) -> None:
+    def __init__(self, name: str, spec: Spec) -> None:
         self.name = name
-        self._go = threading.Semaphore(0)
-        self._done = threading.Semaphore(0)
-        self._error: BaseException | None = None
-        self._finished = False
-        self._thread = threading.Thread(
-            target=self._main, args=(runner, epochs), name=name, daemon=True
+        context = multiprocessing.get_context("spawn")  # no fork of an initialized OpenMP
+        self._conn, child = context.Pipe()
+        self._process = context.Process(
+            target=_contender_main, args=(child, spec), name=name, daemon=True
         )
-        self._thread.start()
+        self._process.start()
+        child.close()
 
-    def _main(self, runner: Runner, epochs: int) -> None:
-        self._go.acquire()
+    def _receive(self, expected: str) -> Any:
         try:
-            runner(epochs, self._epoch_done)
-        except BaseException as err:
-            self._error = err
-        finally:
-            self._finished = True
-            self._done.release()
+            kind, value = self._conn.recv()
+        except EOFError:
+            raise BenchError(f"{self.name}: the contender process died") from None
+        if kind == "error":
+            raise BenchError(f"{self.name}: {value}")
+        if kind != expected:
+            raise BenchError(f"{self.name}: sent {kind!r} where {expected!r} was due")
+        return value
 
-    def _epoch_done(self) -> None:
-        self._done.release()
-        self._go.acquire()
-
-    def _check(self) -> None:
-        if self._error is not None:
-            raise BenchError(f"{self.name}: {type(self._error).__name__}: {self._error}") from (
-                self._error
-            )
+    def ready(self) -> None:
+        self._receive("ready")
 
     def step(self) -> float:
-        """Wall seconds of the contender's next epoch."""
-        tic = time.perf_counter()
-        self._go.release()
-        self._done.acquire()
-        seconds = time.perf_counter() - tic
-        self._check()
-        if self._finished:
-            raise BenchError(f"{self.name}: ended before its last epoch")
-        return seconds
+        """Seconds of the contender's next epoch, measured in its process."""
+        self._conn.send("go")
+        return float(self._receive("epoch"))
 
-    def finish(self) -> None:
-        """Let the run end (final logging is not timed) and wait for it."""
-        self._go.release()
-        self._thread.join()
-        self._check()
+    def finish(self) -> dict[str, Any]:
+        """Let the run end (final logging is not timed); its test and val accuracy."""
+        self._conn.send("go")
+        result: dict[str, Any] = self._receive("done")
+        self._process.join()
+        return result
+
+    def kill(self) -> None:
+        if self._process.is_alive():
+            self._process.kill()
+        self._process.join()
 
 
 @dataclass
 class Timing:
     warmup: float
     epochs: list[float]
+    result: dict[str, Any] = field(default_factory=dict)
 
     @property
     def median(self) -> float:
@@ -300,21 +348,28 @@ class Timing:
         return {"warmup_s": self.warmup, "epochs_s": self.epochs, "median_s": self.median}
 
 
-def interleave(runners: dict[str, Runner], epochs: int, label: str) -> dict[str, Timing]:
-    """A warm-up epoch per runner, then ``epochs`` timed epochs round robin."""
-    steps = {key: Lockstep(key, runner, epochs + 1) for key, runner in runners.items()}
-    timings: dict[str, Timing] = {}
-    for key, stepper in steps.items():
-        timings[key] = Timing(warmup=stepper.step(), epochs=[])
-        say(f"  [{label}] warm-up {key}: {timings[key].warmup:.2f} s (load {load()})")
-    for round_index in range(epochs):
-        for key, stepper in steps.items():
-            timings[key].epochs.append(stepper.step())
-        laps = "  ".join(f"{k} {t.epochs[-1]:.3f}" for k, t in timings.items())
-        say(f"  [{label}] round {round_index + 1}/{epochs}: {laps} s (load {load()})")
-    for stepper in steps.values():
-        stepper.finish()
-    return timings
+def interleave(specs: dict[str, Spec], epochs: int, label: str) -> dict[str, Timing]:
+    """Start every contender, then a warm-up epoch each, then ``epochs`` timed epochs
+    round robin; the contenders' specs carry ``epochs + 1``."""
+    steppers = {key: Lockstep(key, spec) for key, spec in specs.items()}
+    try:
+        for stepper in steppers.values():
+            stepper.ready()  # imports and data loading overlap here, before any timing
+        timings: dict[str, Timing] = {}
+        for key, stepper in steppers.items():
+            timings[key] = Timing(warmup=stepper.step(), epochs=[])
+            say(f"  [{label}] warm-up {key}: {timings[key].warmup:.2f} s (load {load()})")
+        for round_index in range(epochs):
+            for key, stepper in steppers.items():
+                timings[key].epochs.append(stepper.step())
+            laps = "  ".join(f"{k} {t.epochs[-1]:.3f}" for k, t in timings.items())
+            say(f"  [{label}] round {round_index + 1}/{epochs}: {laps} s (load {load()})")
+        for key, stepper in steppers.items():
+            timings[key].result = stepper.finish()
+        return timings
+    finally:
+        for stepper in steppers.values():
+            stepper.kill()
 
 
 # ---------------------------------------------------------------------------------------
@@ -529,8 +584,11 @@ def keras_runner(setup: Setup, out: Outcome) -> Runner:
     return run
 
 
-def compiled_runner(setup: Setup, train: dict[str, Any], out: Outcome) -> Runner:
-    """(e)'s loop (``deepopt.training.fit``) on a ``torch.compile``d model, untracked."""
+def fit_runner(
+    setup: Setup, train: dict[str, Any], out: Outcome, *, compile: bool, channels_last: bool
+) -> Runner:
+    """(e)'s loop, ``deepopt.training.fit`` without tracking, on a ``torch.compile``d model
+    or in the channels_last layout (which deepopt's stages do not use)."""
 
     def run(epochs: int, epoch_done: EpochDone) -> None:
         from deepopt.optim import build_optimizer, build_schedule
@@ -540,12 +598,17 @@ def compiled_runner(setup: Setup, train: dict[str, Any], out: Outcome) -> Runner
         tensors = split_tensors(setup.data.prepared, config.train.precision)
         torch.manual_seed(config.seed)
         model = build_model(config.model)
-        if config.train.precision == "bf16":
+        if channels_last:
             model = model.to(memory_format=torch.channels_last)
+            tensors = {
+                name: (images.contiguous(memory_format=torch.channels_last), labels)
+                for name, (images, labels) in tensors.items()
+            }
         optimizer = build_optimizer(model.parameters(), config.optim)
         steps = -(-len(tensors["train"][0]) // config.train.batch_size)
         schedule = build_schedule(optimizer, config.schedule, epochs=epochs, steps_per_epoch=steps)
-        model.compile()  # in place: state_dict keys stay those of the plain model
+        if compile:
+            model.compile()  # in place: state_dict keys stay those of the plain model
         fit(
             model,
             optimizer,
@@ -565,7 +628,10 @@ def compiled_runner(setup: Setup, train: dict[str, Any], out: Outcome) -> Runner
     return run
 
 
-def make_runner(key: str, setup: Setup, out: Outcome) -> Runner:
+def make_runner(spec: Spec, setup: Setup, out: Outcome) -> Runner:
+    key = spec.runner
+    if key == "deepopt":
+        return deepopt_runner(setup, spec.run_name, spec.train, out)
     if key == "a":
         return deepopt_runner(setup, "bench-a-fp32", {"precision": "fp32"}, out)
     if key == "b":
@@ -577,7 +643,9 @@ def make_runner(key: str, setup: Setup, out: Outcome) -> Runner:
     if key == "e":
         return deepopt_runner(setup, "bench-e-fast", FAST_TRAIN, out)
     if key == "f":
-        return compiled_runner(setup, FAST_TRAIN, out)
+        return fit_runner(setup, FAST_TRAIN, out, compile=True, channels_last=False)
+    if key == "g":
+        return fit_runner(setup, FAST_TRAIN, out, compile=False, channels_last=True)
     raise BenchError(f"unknown contender {key!r}; choose from {', '.join(CONTENDERS)}")
 
 
@@ -595,6 +663,19 @@ class Bench:
     def data(self) -> BenchData:
         return self.setup.data
 
+    def spec(self, runner: str, epochs: int, **fields: Any) -> Spec:
+        """A contender on the benchmark's config and data, ``epochs`` + a warm-up epoch."""
+        base: dict[str, Any] = {
+            "runner": runner,
+            "config": self.setup.config,
+            "subset": self.setup.config.data.train_subset,
+            "workdir": self.setup.workdir,
+            "experiment_id": self.setup.experiment_id,
+            "threads": self.args.threads,
+            "epochs": epochs + 1,
+        }
+        return Spec(**{**base, **fields})
+
 
 def section_peak(bench: Bench) -> dict[str, Any]:
     fp32 = max(matmul_gflops(torch.float32) for _ in range(2))
@@ -608,27 +689,21 @@ def section_epoch(bench: Bench) -> dict[str, Any]:
     if "d" in keys and not keras_available():
         say("  (d) skipped: keras is not installed (pip install -e '.[bench]')")
         keys.remove("d")
-    outcomes = {key: Outcome() for key in keys}
-    runners = {key: make_runner(key, bench.setup, outcomes[key]) for key in keys}
-    timings = interleave(runners, bench.args.epochs, "epoch")
+    timings = interleave(
+        {key: bench.spec(key, bench.args.epochs) for key in keys}, bench.args.epochs, "epoch"
+    )
     prepared = bench.data.prepared
     flops = model_flops(bench.setup.config.model, (1, 28, 28))
     per_epoch = epoch_flops(flops, bench.data.train_count, int(prepared.val.labels.shape[0]))
     rows: dict[str, Any] = {}
     for key, timing in timings.items():
-        outcome = outcomes[key]
-        accuracy = (
-            test_accuracy(outcome.model, prepared, outcome.precision)
-            if outcome.model is not None
-            else None
-        )
         rows[key] = {
             "name": CONTENDERS[key],
             **timing.to_dict(),
             "samples_per_s": bench.data.train_count / timing.median,
             "gflops": per_epoch / timing.median / 1e9,
-            "test_acc": accuracy,
-            "val_acc": outcome.extra.get("val_acc"),
+            "test_acc": timing.result.get("test_acc"),
+            "val_acc": timing.result.get("val_acc"),
         }
     if "f" in rows:
         # The first epoch of (f) also compiles: its excess over a steady epoch.
@@ -644,37 +719,51 @@ def section_epoch(bench: Bench) -> dict[str, Any]:
 
 
 def section_eval(bench: Bench) -> dict[str, Any]:
-    """The 10,000 test images through ``evaluate_logits``, per precision and batch size."""
+    """The test images through ``evaluate_logits`` (inference_mode, eval batches), per
+    precision, memory layout (channels_last: as the evaluate stage runs it) and batch."""
     prepared = bench.data.prepared
-    combos = [(p, b) for p in ("fp32", "bf16") for b in bench.args.eval_batches]
+    combos = [
+        (precision, layout, batch)
+        for precision in ("fp32", "bf16")
+        for layout in ("channels_last", "nchw")
+        for batch in bench.args.eval_batches
+    ]
     torch.manual_seed(0)
     model = build_model(bench.setup.config.model).eval()
     count = bench.args.eval_images
     inputs = {
-        "fp32": test_tensors(prepared, channels_last=False)[0][:count],
-        "bf16": test_tensors(prepared, channels_last=True)[0][:count],
+        "nchw": test_tensors(prepared, channels_last=False)[0][:count],
+        "channels_last": test_tensors(prepared, channels_last=True)[0][:count],
     }
-    models = {"fp32": model, "bf16": copy.deepcopy(model).to(memory_format=torch.channels_last)}
-    times: dict[tuple[str, int], list[float]] = {combo: [] for combo in combos}
-    for precision, batch in combos:  # warm-up
-        evaluate_logits(models[precision], inputs[precision], batch, precision)
+    models = {
+        "nchw": model,
+        "channels_last": copy.deepcopy(model).to(memory_format=torch.channels_last),
+    }
+    times: dict[tuple[str, str, int], list[float]] = {combo: [] for combo in combos}
+    for precision, layout, batch in combos:  # warm-up: oneDNN picks and caches its kernels
+        evaluate_logits(models[layout], inputs[layout], batch, precision)
     for _ in range(bench.args.eval_rounds):
-        for precision, batch in combos:
+        for combo in combos:
+            precision, layout, batch = combo
             tic = time.perf_counter()
-            evaluate_logits(models[precision], inputs[precision], batch, precision)
-            times[(precision, batch)].append(time.perf_counter() - tic)
+            evaluate_logits(models[layout], inputs[layout], batch, precision)
+            times[combo].append(time.perf_counter() - tic)
     rows = [
         {
             "precision": precision,
+            "layout": layout,
             "batch_size": batch,
-            "median_s": statistics.median(times[(precision, batch)]),
-            "runs_s": times[(precision, batch)],
-            "images": len(inputs[precision]),
+            "median_s": statistics.median(times[(precision, layout, batch)]),
+            "runs_s": times[(precision, layout, batch)],
+            "images": len(inputs[layout]),
         }
-        for precision, batch in combos
+        for precision, layout, batch in combos
     ]
     for row in rows:
-        say(f"  eval {row['precision']} batch {row['batch_size']}: {row['median_s']:.3f} s")
+        say(
+            f"  eval {row['precision']} {row['layout']} batch {row['batch_size']}: "
+            f"{row['median_s']:.3f} s"
+        )
     return {"rows": rows, "load": load()}
 
 
@@ -762,14 +851,18 @@ def section_scaling(bench: Bench) -> dict[str, Any]:
         )
         for subset in args.sizes
     }
-    runners: dict[str, Runner] = {}
+    specs: dict[str, Spec] = {}
     meta: dict[str, dict[str, Any]] = {}
+    epochs = args.scaling_epochs
     for precision in precisions:
         for subset, data in datasets.items():
             key = f"size {subset or 60000} {precision}"
-            sized = Setup(setup.config, data, setup.workdir, setup.experiment_id)
-            runners[key] = deepopt_runner(
-                sized, f"scaling-{subset}-{precision}", {"precision": precision}, Outcome()
+            specs[key] = bench.spec(
+                "deepopt",
+                epochs,
+                subset=subset,
+                train={"precision": precision},
+                run_name=f"scaling-{subset}-{precision}",
             )
             meta[key] = {
                 "kind": "size",
@@ -782,11 +875,11 @@ def section_scaling(bench: Bench) -> dict[str, Any]:
             key = f"batch {batch} {precision}"
             if batch == setup.batch_size and setup.config.data.train_subset in datasets:
                 continue  # the size row of the benchmark's own subset is this row
-            runners[key] = deepopt_runner(
-                setup,
-                f"scaling-b{batch}-{precision}",
-                {"precision": precision, "batch_size": batch},
-                Outcome(),
+            specs[key] = bench.spec(
+                "deepopt",
+                epochs,
+                train={"precision": precision, "batch_size": batch},
+                run_name=f"scaling-b{batch}-{precision}",
             )
             meta[key] = {
                 "kind": "batch",
@@ -795,7 +888,7 @@ def section_scaling(bench: Bench) -> dict[str, Any]:
                 "batch_size": batch,
                 "precision": precision,
             }
-    timings = interleave(runners, args.scaling_epochs, "scaling")
+    timings = interleave(specs, epochs, "scaling")
     for key, timing in timings.items():
         rows.append(
             {
@@ -945,12 +1038,17 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         add("speedrun", min(r["test_acc"] for r in speedrun["runs"]), SPEEDRUN_ACCURACY, True, "")
     evaluation = results.get("eval")
     if evaluation:
-        fast = [
-            r for r in evaluation["rows"] if r["precision"] == FAST_TRAIN.get("precision", "fp32")
+        # The evaluate stage's own path: channels_last, train.eval_batch_size (1000).
+        stage = [
+            r
+            for r in evaluation["rows"]
+            if r["precision"] == FAST_TRAIN["precision"]
+            and r["layout"] == "channels_last"
+            and r["batch_size"] == 1000
+            and r["images"] == 10_000
         ]
-        default = [r for r in fast if r["batch_size"] == 1000 and r["images"] == 10_000]
-        if default:
-            add("eval", default[0]["median_s"], 0.5, False, "s")
+        if stage:
+            add("eval", stage[0]["median_s"], 0.5, False, "s")
     if "cli" in results:
         add("help", results["cli"]["help_median_s"], 0.3, False, "s")
     if "dvc" in results:
@@ -1022,16 +1120,19 @@ def markdown(results: dict[str, Any]) -> str:
             f"bf16 {p['bf16_gflops']:.0f} GFLOP/s.",
         ]
     if results.get("eval"):
-        images = results["eval"]["rows"][0]["images"]
+        rows = results["eval"]["rows"]
+        layouts = list(dict.fromkeys(r["layout"] for r in rows))
+        cell = {(r["precision"], r["layout"], r["batch_size"]): r["median_s"] for r in rows}
         lines += [
             "",
-            f"| evaluate {images:,} test images | batch | seconds (median) |",
-            "| --- | --- | --- |",
+            f"| evaluate {rows[0]['images']:,} test images: precision, batch | "
+            + " | ".join(f"{layout} s" for layout in layouts)
+            + " |",
+            "| --- | " + " | ".join("---" for _ in layouts) + " |",
         ]
-        lines += [
-            f"| {r['precision']} | {r['batch_size']} | {r['median_s']:.3f} |"
-            for r in results["eval"]["rows"]
-        ]
+        for precision, batch in dict.fromkeys((r["precision"], r["batch_size"]) for r in rows):
+            times = " | ".join(f"{cell[(precision, lay, batch)]:.3f}" for lay in layouts)
+            lines.append(f"| {precision}, {batch} | {times} |")
     if results.get("speedrun"):
         s = results["speedrun"]
         per_seed = ", ".join(f"{r['wall_s']:.1f} s / {r['test_acc']:.4f}" for r in s["runs"])
@@ -1085,7 +1186,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--only", help=f"comma-separated sections of {','.join(SECTIONS)}")
     parser.add_argument(
-        "--contenders", default="abcdef", help="letters of the contenders (default abcdef)"
+        "--contenders", default="abcdefg", help="letters of the contenders (default abcdefg)"
     )
     parser.add_argument(
         "--epochs", type=int, help="timed epochs per contender (default 5; quick 3)"
@@ -1157,7 +1258,7 @@ def scratch(keep: bool) -> Iterator[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    threads = args.threads or os.cpu_count() or 1
+    threads = args.threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     started = datetime.now(UTC)
     config = base_config(args)

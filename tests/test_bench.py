@@ -60,9 +60,11 @@ def test_quick_run_writes_table_and_json(tmp_path: Path) -> None:
         assert len(row["epochs_s"]) == 3 and row["median_s"] > 0
         assert 0.0 <= row["test_acc"] <= 1.0
     assert epoch["flops_per_image"]["train_step"] > epoch["flops_per_image"]["forward"] > 0
-    assert [(r["precision"], r["images"]) for r in results["eval"]["rows"]] == [
-        ("fp32", 500),
-        ("bf16", 500),
+    assert [(r["precision"], r["layout"], r["images"]) for r in results["eval"]["rows"]] == [
+        ("fp32", "channels_last", 500),
+        ("fp32", "nchw", 500),
+        ("bf16", "channels_last", 500),
+        ("bf16", "nchw", 500),
     ]
     assert results["cli"]["heavy_imports"] == []  # deepopt --help imports no torch/mlflow
     targets = {t["target"] for t in results["targets"]}

@@ -178,39 +178,6 @@ def _zero_fraction_hooks(model: nn.Module, sums: dict[str, torch.Tensor]) -> Ite
             handle.remove()
 
 
-@contextmanager
-def _channels_last_grads(model: nn.Module) -> Iterator[None]:
-    """Keep the gradient that flows back through each ``nn.Flatten`` channels_last when its
-    input is: the view of the flat gradient is NCHW, and elementwise backward kernels with
-    one NCHW and one NHWC operand take the slow strided path (the lecture CNN's last ReLU
-    backward: ~3 ms instead of ~0.07 ms per batch of 50 in bf16; ~5 % of a bf16 epoch)."""
-
-    def to_channels_last(grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous(memory_format=torch.channels_last)
-
-    def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0] if args else None
-        if (
-            isinstance(x, torch.Tensor)
-            and x.requires_grad
-            and x.dim() == 4
-            and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last)
-        ):
-            x.register_hook(to_channels_last)  # type: ignore[no-untyped-call]
-
-    handles = [
-        module.register_forward_pre_hook(hook)
-        for module in model.modules()
-        if isinstance(module, nn.Flatten)
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _weight_layers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [
         (name, module.weight)
@@ -382,7 +349,7 @@ def _train_one_epoch(
     layers = _weight_layers(model) if diagnostics else []
     batches = 0
     hooks = _zero_fraction_hooks(model, zero_sums) if diagnostics else nullcontext()
-    with hooks, _channels_last_grads(model):
+    with hooks:
         for begin in range(0, count, step):
             index = order[begin : begin + step]
             loss_weight = 1.0
