@@ -969,15 +969,31 @@ def _timed(command: list[str], cwd: Path, env: dict[str, str]) -> float:
     return time.perf_counter() - tic
 
 
+def dvc_scratch() -> Path:
+    """The scratch copy of the pipeline, kept between benchmark runs (outside the repo)."""
+    key = hashlib.sha256(str(REPO).encode()).hexdigest()[:8]
+    return Path(tempfile.gettempdir()) / f"deepopt-bench-dvc-{key}"
+
+
 def section_dvc(bench: Bench) -> dict[str, Any]:
-    """A no-op ``dvc repro`` of the repository's dvc.yaml, in a scratch copy (dvc.yaml,
-    src/, params.yaml resolved and shrunk to tiny runs: the same stages), reproduced once
-    first. Never in the repository itself: a stage that is not up to date would train."""
+    """A no-op ``dvc repro`` of the repository's pipeline, timed in a scratch copy:
+    dvc.yaml, .dvcignore, .dvc/config and src/ as they are, params.yaml resolved and shrunk
+    to tiny runs (the same stages). The copy is kept between runs (``dvc_scratch()``), so
+    its ``dvc repro`` first reruns only what changed since (everything, the first time: a
+    few minutes). Never in the repository itself: a stage that is not up to date trains."""
     from deepopt.config import load_params, parse_params
 
-    work = bench.setup.workdir / "dvc"
-    work.mkdir()
-    shutil.copy2(REPO / "dvc.yaml", work / "dvc.yaml")
+    work = dvc_scratch()
+    env = _dvc_env({"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlruns' / 'mlflow.db'}"})
+    dvc = shutil.which("dvc", path=env["PATH"]) or "dvc"
+    if not (work / ".dvc").is_dir():
+        work.mkdir(parents=True, exist_ok=True)
+        _timed(["git", "init", "-q"], work, env)
+        _timed([dvc, "init", "-q"], work, env)
+    for name in ("dvc.yaml", ".dvcignore", ".dvc/config"):
+        if (REPO / name).is_file():
+            shutil.copy2(REPO / name, work / name)
+    shutil.rmtree(work / "src", ignore_errors=True)
     shutil.copytree(
         REPO / "src", work / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__")
     )
@@ -985,13 +1001,11 @@ def section_dvc(bench: Bench) -> dict[str, Any]:
     small = _shrink_params(resolved)
     parse_params(small, source="shrunk params.yaml")  # a ConfigError names what to adapt here
     text = yaml.safe_dump(small, sort_keys=False)
-    (work / "params.yaml").write_text(text, encoding="utf-8")
-    env = _dvc_env({"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlruns' / 'mlflow.db'}"})
-    dvc = shutil.which("dvc", path=env["PATH"]) or "dvc"
-    _timed(["git", "init", "-q"], work, env)
-    _timed([dvc, "init", "-q"], work, env)
+    params_file = work / "params.yaml"
+    if not params_file.is_file() or params_file.read_text(encoding="utf-8") != text:
+        params_file.write_text(text, encoding="utf-8")
     first = _timed([dvc, "repro"], work, env)
-    say(f"  dvc: first repro of the scratch copy {first:.1f} s")
+    say(f"  dvc: {work} brought up to date in {first:.1f} s")
     times = [_timed([dvc, "repro"], work, env) for _ in range(bench.args.dvc_runs)]
     stages = subprocess.run(
         [dvc, "stage", "list", "--name-only"], cwd=work, env=env, capture_output=True, text=True
@@ -999,7 +1013,8 @@ def section_dvc(bench: Bench) -> dict[str, Any]:
     median = statistics.median(times)
     say(f"  no-op dvc repro ({len(stages)} stages): {median:.2f} s median")
     return {
-        "first_repro_s": first,
+        "scratch": str(work),
+        "update_repro_s": first,
         "noop_runs_s": times,
         "noop_median_s": median,
         "stages": len(stages),
