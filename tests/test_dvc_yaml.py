@@ -65,3 +65,42 @@ def test_every_experiment_gets_a_train_and_an_evaluate_stage(tmp_path: Path) -> 
         assert listed.count(f"train@{name}") == 1
         assert listed.count(f"evaluate@{name}") == 1
     assert "prepare" in listed and "report" in listed
+
+
+def _declared_params(stage: dict[str, Any]) -> list[str]:
+    """The params.yaml keys a stage (or a foreach stage's ``do``) declares as its params."""
+    body = stage.get("do", stage)
+    keys: list[str] = []
+    for entry in body.get("params", []):
+        if isinstance(entry, str):
+            keys.append(entry)
+        else:  # {file: [keys]}: only params.yaml's own keys are checked here
+            keys.extend(k for file, ks in entry.items() if file == "params.yaml" for k in ks)
+    return keys
+
+
+def _lookup(tree: Any, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+def test_every_param_a_stage_declares_is_in_params_yaml() -> None:
+    # DVC refuses to run a stage whose declared param is missing from params.yaml ("are
+    # missing from 'params.yaml'"), even when deepopt's config has a default for it.
+    with open(REPO / "params.yaml", encoding="utf-8") as handle:
+        raw = yaml.safe_load(handle)
+    missing: list[str] = []
+    for dvc_file in (REPO / "dvc.yaml", REPO / "transfer" / "dvc.yaml"):
+        with open(dvc_file, encoding="utf-8") as handle:
+            stages = yaml.safe_load(handle)["stages"]
+        for stage_name, stage in stages.items():
+            names = list(raw["experiments"]) if "foreach" in stage else [None]
+            for key in _declared_params(stage):
+                for name in names:
+                    resolved = key.replace("${key}", name) if name else key
+                    if not _lookup(raw, resolved):
+                        missing.append(f"{dvc_file.name}:{stage_name}: {resolved}")
+    assert not missing, missing
