@@ -396,6 +396,36 @@ def test_an_interrupt_after_a_trial_trained_waits_until_optuna_recorded_it(
     assert signal.getsignal(signal.SIGINT) is handler
 
 
+class _InterruptWhileAsking(optuna.samplers.RandomSampler):
+    """Ctrl-C inside Optuna's ask(), right after it stored the new trial (before_trial runs
+    then): the window in which an interrupt used to leave the trial RUNNING."""
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        super().before_trial(study, trial)
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_an_interrupt_while_optuna_creates_a_trial_fails_and_requeues_it(tmp_path: Path) -> None:
+    storage = tune.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", TuneConfig())
+    study = optuna.create_study(
+        study_name="asking", storage=storage.storage, sampler=_InterruptWhileAsking(seed=0)
+    )
+    handler = signal.getsignal(signal.SIGINT)
+    trained: list[int] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        trained.append(trial.number)
+        return 0.0
+
+    with pytest.raises(KeyboardInterrupt):
+        tune.run_trials(
+            study, objective, n_trials=3, storage=storage, lock_path=tmp_path / "claim.lock"
+        )
+    assert trained == []  # stopped before the objective ran
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
 @pytest.mark.slow
 def test_a_trial_retry_continues_a_finished_checkpoint_without_training_again(
     finished: Path, capsys: pytest.CaptureFixture[str]

@@ -459,17 +459,18 @@ def _claim_lock(
 
 
 class _HeldInterrupts:
-    """Ctrl-C and SIGTERM wait from the end of a trial's training until Optuna has recorded
-    the trial: an interrupt in between would fail a trained trial, and its retry would
-    train it again."""
+    """Ctrl-C and SIGTERM wait while Optuna stores a trial: from the start of a claim until
+    the objective runs (an interrupt in between would leave the new trial RUNNING), and from
+    the end of a trial's training until Optuna has recorded it (an interrupt in between
+    would fail a trained trial, and its retry would train it again)."""
 
     def __init__(self) -> None:
         self._previous: dict[int, Any] = {}
         self._caught = False
 
     def hold(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set there (and only it gets signals)
+        if threading.current_thread() is not threading.main_thread() or self._previous:
+            return  # handlers can only be set there (only it gets signals); or already held
         for signum in (signal.SIGINT, signal.SIGTERM):
             self._previous[signum] = signal.signal(signum, self._catch)
 
@@ -511,6 +512,9 @@ def run_trials(
 
     def claimed(trial: optuna.Trial) -> float:
         lock.release()  # the trial exists now: other workers may count it
+        if _HELD.release():  # the interrupt came while Optuna created this trial
+            _requeue(trial.study, trial.number)  # a retry keeps its checkpoint to continue
+            raise KeyboardInterrupt  # Optuna fails the trial, then lets it through
         return objective(trial)
 
     while (deadline is None or time.monotonic() < deadline) and not orphaned():
@@ -520,6 +524,9 @@ def run_trials(
             finished = sum(t.state in FINISHED for t in trials)
             running = sum(t.state == TrialState.RUNNING for t in trials)
             if finished + running < n_trials:
+                # Held until the objective runs: an interrupt inside Optuna's ask(), after it
+                # stored the new trial, would leave that trial RUNNING with nobody to end it.
+                _HELD.hold()
                 try:
                     study.optimize(claimed, n_trials=1)
                 finally:
