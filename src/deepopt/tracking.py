@@ -59,7 +59,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.exceptions import MlflowException
 
 import deepopt
-from deepopt import paths
+from deepopt import interrupts, paths
 from deepopt.errors import TrackingError
 
 if TYPE_CHECKING:
@@ -225,7 +225,8 @@ def _call(what: str, action: Callable[[], _T]) -> _T:
     """Run one MLflow call; retry "database is locked"; anything else is a TrackingError."""
     for delay in (*_LOCKED_RETRY_DELAYS_S, None):
         try:
-            return action()
+            with interrupts.deferred():  # Ctrl-C mid-write would leave the store locked
+                return action()
         except (MlflowException, OSError) as err:
             if delay is not None and _is_locked(err):
                 time.sleep(delay * (1.0 + random.random()))  # jitter: writers retry apart

@@ -45,13 +45,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any, Literal
 
 import numpy as np
@@ -67,7 +66,7 @@ from optuna.storages import (
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from deepopt import paths, tracking
+from deepopt import interrupts, paths, tracking
 from deepopt.checkpoint import checkpoint_file, load_checkpoint, save_checkpoint
 from deepopt.config import (
     OPTIMIZER_KNOBS,
@@ -281,8 +280,10 @@ def pruning_hook(
     def report(state: LoopState) -> None:
         epoch = state.epochs_done - 1  # 0-based: the step of the value
         value = state.history[-1][monitor]
-        trial.report(value, epoch)
-        if trial.should_prune():
+        with interrupts.deferred():  # storage reads and writes: never cut in half
+            trial.report(value, epoch)
+            prune = trial.should_prune()
+        if prune:
             reason = f"pruned after epoch {epoch + 1}: {monitor} {value:.4f}"
             on_prune(reason)
             raise optuna.TrialPruned(reason)
@@ -458,35 +459,11 @@ def _claim_lock(
     return _ClaimLock(path)
 
 
-class _HeldInterrupts:
-    """Ctrl-C and SIGTERM wait while Optuna stores a trial: from the start of a claim until
-    the objective runs (an interrupt in between would leave the new trial RUNNING), and from
-    the end of a trial's training until Optuna has recorded it (an interrupt in between
-    would fail a trained trial, and its retry would train it again)."""
-
-    def __init__(self) -> None:
-        self._previous: dict[int, Any] = {}
-        self._caught = False
-
-    def hold(self) -> None:
-        if threading.current_thread() is not threading.main_thread() or self._previous:
-            return  # handlers can only be set there (only it gets signals); or already held
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._catch)
-
-    def _catch(self, signum: int, frame: FrameType | None) -> None:
-        self._caught = True
-
-    def release(self) -> bool:
-        """Restore the handlers; whether an interrupt came while they were held."""
-        for signum, handler in self._previous.items():
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-        self._previous.clear()
-        caught, self._caught = self._caught, False
-        return caught
-
-
-_HELD = _HeldInterrupts()
+# Ctrl-C and SIGTERM wait while Optuna stores a trial: from the start of a claim until the
+# objective runs (an interrupt in between would leave the new trial RUNNING), and from the end
+# of a trial's training until Optuna has recorded it (an interrupt in between would fail a
+# trained trial, and its retry would train it again).
+_HELD = interrupts.GATE
 
 
 def run_trials(
@@ -518,23 +495,23 @@ def run_trials(
         return objective(trial)
 
     while (deadline is None or time.monotonic() < deadline) and not orphaned():
-        with lock:
-            _fail_stale(study, storage)
-            trials = study.get_trials(deepcopy=False)
-            finished = sum(t.state in FINISHED for t in trials)
-            running = sum(t.state == TrialState.RUNNING for t in trials)
-            if finished + running < n_trials:
-                # Held until the objective runs: an interrupt inside Optuna's ask(), after it
-                # stored the new trial, would leave that trial RUNNING with nobody to end it.
-                _HELD.hold()
-                try:
+        # Held from here until the objective runs (``claimed`` releases it): an interrupt
+        # inside Optuna's ask(), after it stored the new trial, would leave that trial
+        # RUNNING with nobody to end it.
+        _HELD.hold()
+        try:
+            with lock:
+                _fail_stale(study, storage)
+                trials = study.get_trials(deepcopy=False)
+                finished = sum(t.state in FINISHED for t in trials)
+                running = sum(t.state == TrialState.RUNNING for t in trials)
+                if finished + running < n_trials:
                     study.optimize(claimed, n_trials=1)
-                finally:
-                    interrupted = _HELD.release()
-                if interrupted:
-                    raise KeyboardInterrupt  # the trial it waited for is recorded
-                ran += 1
-                continue
+                    ran += 1
+                    continue
+        finally:
+            if _HELD.release():
+                raise KeyboardInterrupt  # the trial it waited for is recorded
         if running == 0 or not storage.heartbeat:
             break
         time.sleep(poll_s)
@@ -604,12 +581,6 @@ def _objective(session: _Session) -> Callable[[optuna.Trial], float]:
         )
         folder = session.checkpoint_root / f"trial-{number}"
         previous = trial.user_attrs.get("checkpoint_dir")  # inherited by a queued retry
-        if previous is not None:
-            trial.set_user_attr("retry_of", trial.user_attrs.get("number"))
-            done = _adopt_checkpoint(Path(previous), folder, config, session.data_meta["digest"])
-            trial.set_user_attr("continued_from_epoch", done)
-        trial.set_user_attr("number", number)
-        trial.set_user_attr("checkpoint_dir", str(folder))
 
         def pruned(reason: str) -> None:
             trial.set_user_attr("reason", reason)
@@ -625,6 +596,15 @@ def _objective(session: _Session) -> Callable[[optuna.Trial], float]:
             hook(state)
 
         try:
+            with interrupts.deferred():  # the trial's bookkeeping, whole or not at all
+                if previous is not None:
+                    trial.set_user_attr("retry_of", trial.user_attrs.get("number"))
+                    done = _adopt_checkpoint(
+                        Path(previous), folder, config, session.data_meta["digest"]
+                    )
+                    trial.set_user_attr("continued_from_epoch", done)
+                trial.set_user_attr("number", number)
+                trial.set_user_attr("checkpoint_dir", str(folder))
             result = train_tracked(
                 config,
                 session.tensors,
