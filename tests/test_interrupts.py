@@ -67,3 +67,23 @@ def test_a_block_without_an_interrupt_and_other_threads_are_untouched() -> None:
     thread.start()
     thread.join()
     assert seen == [handler] and signal.getsignal(signal.SIGINT) is handler
+
+
+def test_an_interrupt_python_dropped_inside_a_finalizer_is_raised_again(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    class SignalsWhenCollected:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)  # KeyboardInterrupt inside __del__: dropped
+
+    handler = signal.getsignal(signal.SIGINT)
+    reached: list[str] = []
+    with pytest.raises(KeyboardInterrupt), interrupts.handling_interrupts():
+        SignalsWhenCollected()
+        reached.append("carried on")  # what Python does after dropping it
+        interrupts.raise_if_swallowed()  # the training loop's check, once per batch
+        reached.append("never")
+    assert reached == ["carried on"]
+    assert "Traceback" not in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is handler
+    interrupts.raise_if_swallowed()  # handled: nothing is left over for later runs

@@ -12,14 +12,12 @@ import importlib
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-from deepopt import __version__
+from deepopt import __version__, interrupts
 from deepopt.errors import EXIT_INTERRUPTED, DeepoptError
 
 __all__ = ["main"]
@@ -108,21 +106,15 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     return _stage(args.stage)(params, **options)
 
 
-def _interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM (kill, dvc's own cancellation, a scheduler) takes the same path as Ctrl-C:
-    # the stage records what it finished and exits 130.
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     # MLflow's INFO lines (database creation, migrations) would bury our one-line errors.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
     try:
-        summary = _run(args)
+        with interrupts.handling_interrupts():  # Ctrl-C and SIGTERM alike
+            summary = _run(args)
     except DeepoptError as err:
         print(f"deepopt: error: {err}", file=sys.stderr)
         return err.exit_code

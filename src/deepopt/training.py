@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
+from deepopt import interrupts
 from deepopt.config import EarlyStopConfig
 from deepopt.optim import LRSchedule
 
@@ -380,6 +381,7 @@ def _train_one_epoch(
     hooks = _zero_fraction_hooks(model, zero_sums) if diagnostics else nullcontext()
     with hooks:
         for begin in range(0, count, step):
+            interrupts.raise_if_swallowed()  # one Python dropped inside a finalizer
             index = order[begin : begin + step]
             loss_weight = 1.0
             if parallel is not None:
