@@ -89,7 +89,9 @@ def _start(name: str, command: list[str], log: Path, env: dict[str, str] | None 
     return Service(name=name, process=process, log=log)
 
 
-def _wait_until(service: Service, ready: Callable[[], bool], what: str) -> None:
+def _wait_until(
+    service: Service, ready: Callable[[], bool], what: str, last_error: Callable[[], str] = str
+) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if service.process.poll() is not None:
@@ -103,15 +105,23 @@ def _wait_until(service: Service, ready: Callable[[], bool], what: str) -> None:
         time.sleep(0.25)
     service.stop()
     unavailable(
-        f"{service.name} did not get {what} in {START_TIMEOUT_S:.0f} s:\n{service.log_tail()}"
+        f"{service.name} did not get {what} in {START_TIMEOUT_S:.0f} s (last probe: "
+        f"{last_error() or '-'}):\n{service.log_tail()}"
     )
 
 
-def http_ok(url: str) -> bool:
+# Loopback probes never go through a proxy (http_proxy in a CI environment would take them).
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http_ok(url: str, errors: list[str] | None = None) -> bool:
+    """Whether ``url`` answers 200; otherwise what went wrong is appended to ``errors``."""
     try:
-        with urllib.request.urlopen(url, timeout=2.0) as response:
+        with DIRECT.open(url, timeout=2.0) as response:
             return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
+    except (urllib.error.URLError, OSError) as err:
+        if errors is not None:
+            errors.append(f"{type(err).__name__}: {err}")
         return False
 
 
@@ -152,11 +162,25 @@ def mlflow_server(folder: Path, backend: str | None = None) -> Iterator[MlflowSe
     ]
     service = _start("mlflow server", command, folder / "server.log")
     uri = f"http://127.0.0.1:{port}"
+    saved = {name: os.environ.get(name) for name in ("no_proxy", "NO_PROXY")}
+    for name, value in saved.items():  # MLflow's client must not send loopback to a proxy
+        os.environ[name] = ",".join(filter(None, [value, "127.0.0.1", "localhost"]))
     try:
-        _wait_until(service, lambda: http_ok(f"{uri}/health"), f"answering at {uri}/health")
+        errors: list[str] = []
+        _wait_until(
+            service,
+            lambda: http_ok(f"{uri}/health", errors),
+            f"answering at {uri}/health",
+            last_error=lambda: errors[-1] if errors else "",
+        )
         yield MlflowServer(uri=uri, backend=backend, artifacts=artifacts, service=service)
     finally:
         service.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # ---------------------------------------------------------------------------------------

@@ -301,8 +301,6 @@ def _study(work: Path) -> optuna.Study:
 
 
 @pytest.mark.slow
-# Quarantined: the session's parent MLflow run is sometimes not KILLED after SIGTERM (race).
-@pytest.mark.quarantined
 def test_sigterm_during_a_two_worker_study_loses_and_redoes_no_finished_trial(
     workspace: Callable[..., Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

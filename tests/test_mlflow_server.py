@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from deepopt import cli, tracking
-from services import mlflow_server
+from services import DIRECT, mlflow_server
 
 pytestmark = pytest.mark.slow
 
@@ -23,13 +23,13 @@ pytestmark = pytest.mark.slow
 def _rest(uri: str, endpoint: str, **query: str) -> Any:
     """GET ``/api/2.0/mlflow/<endpoint>`` as JSON (what any client of the server sees)."""
     url = f"{uri}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}"
-    with urllib.request.urlopen(url, timeout=30) as response:
+    with DIRECT.open(url, timeout=30) as response:
         return json.load(response)
 
 
 def _download(uri: str, run_id: str, path: str) -> bytes:
     url = f"{uri}/get-artifact?{urllib.parse.urlencode({'run_id': run_id, 'path': path})}"
-    with urllib.request.urlopen(url, timeout=30) as response:
+    with DIRECT.open(url, timeout=30) as response:
         data: bytes = response.read()
         return data
 
@@ -44,8 +44,6 @@ def local_store_after(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     tracking.configure()
 
 
-# Quarantined: on a fresh clone the server never answered /health within 180 s.
-@pytest.mark.quarantined
 def test_train_records_run_metrics_and_artifacts_through_the_server(
     local_store_after: None,
     workspace: Callable[..., Path],

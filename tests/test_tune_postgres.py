@@ -100,8 +100,6 @@ def _finish(process: subprocess.Popen[str]) -> dict[str, object]:
     return summary
 
 
-# Quarantined: needs the MLflow server, which never answered /health on a fresh clone.
-@pytest.mark.quarantined
 def test_workers_on_three_machines_finish_exactly_n_trials_all_in_mlflow(
     database: Postgres, workspace: Callable[..., Path], tmp_path: Path
 ) -> None:
