@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +27,17 @@ def base_params() -> dict[str, Any]:
 
 @pytest.fixture(autouse=True)
 def _isolated_tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test ever writes into the developer's mlruns/: each gets its own sqlite store."""
+    """No test ever writes into the developer's mlruns/: each gets its own sqlite store.
+
+    MLflow's own global URI is pointed there too: ``mlflow.set_tracking_uri`` (called by
+    an earlier test's stage) outranks the variable, so a bare ``MlflowClient()`` in a test
+    that ran its stage in a subprocess would otherwise read the earlier test's store."""
     if "MLFLOW_TRACKING_URI" not in os.environ or os.environ.get("DEEPOPT_TEST_KEEP_URI") != "1":
         store = tmp_path / "mlruns"
         store.mkdir(exist_ok=True)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
+    if "mlflow" in sys.modules:  # else nothing has set it yet
+        sys.modules["mlflow"].set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
 
 
 TINY_SUBSET = 500  # 450 train / 50 val images of the real Fashion-MNIST
