@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,6 @@ from mlflow import MlflowClient
 
 from deepopt import cli
 from deepopt.config import ModelConfig
-from deepopt.data import RAW_FILES
 from deepopt.evaluate import (
     Member,
     Trained,
@@ -35,6 +32,7 @@ from deepopt.metrics import (
     mean_and_std,
 )
 from deepopt.models import build_model
+from tiny_data import write_tiny_idx_dataset
 
 # ---------------------------------------------------------------------------------------
 # Pure metrics against hand-computed values
@@ -130,23 +128,6 @@ def test_replica_prediction_averages_its_members_softmax_tiny_nets() -> None:
 N_TEST = 40
 
 
-def _write_raw(folder: Path, n_train: int, n_test: int) -> None:
-    """Four gzipped IDX files of a balanced 10-class dataset with random pixels."""
-    folder.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(0)
-    tensors = {
-        "train_images": torch.randint(0, 256, (n_train, 28, 28), generator=generator),
-        "train_labels": torch.arange(n_train) % 10,
-        "test_images": torch.randint(0, 256, (n_test, 28, 28), generator=generator),
-        "test_labels": torch.arange(n_test) % 10,
-    }
-    for role, tensor in tensors.items():
-        dims = tuple(tensor.shape)
-        header = struct.pack(f">I{len(dims)}I", 0x800 | len(dims), *dims)
-        blob = header + tensor.to(torch.uint8).numpy().tobytes()
-        (folder / f"{RAW_FILES[role]}.gz").write_bytes(gzip.compress(blob, mtime=0))
-
-
 @pytest.fixture()
 def trained_repo(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base_params: dict[str, Any]
@@ -154,7 +135,7 @@ def trained_repo(
     """A tmp repository with prepared data and a tiny params.yaml: base has 2 seeds of one
     MLP, experiment `ens` is a 2-member ensemble."""
     monkeypatch.chdir(tmp_path)
-    _write_raw(tmp_path / "data" / "raw" / "fashion-mnist", n_train=200, n_test=N_TEST)
+    write_tiny_idx_dataset(tmp_path / "data" / "raw" / "fashion-mnist", n_train=200, n_test=N_TEST)
     params = {
         **base_params,
         "data": {**base_params["data"], "train_subset": 100, "val_fraction": 0.2},

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +10,12 @@ from typing import Any
 from urllib.error import URLError
 
 import pytest
-import torch
 import yaml
 
 from deepopt import cli
 from deepopt.config import DataConfig
 from deepopt.data import DEBIAN_FASHION_MNIST, RAW_FILES, load_prepared
+from tiny_data import write_tiny_idx_dataset
 
 OUTPUTS = ("train.pt", "val.pt", "test.pt", "meta.json")
 
@@ -25,23 +23,6 @@ OUTPUTS = ("train.pt", "val.pt", "test.pt", "meta.json")
 def _write_params(folder: Path, base: dict[str, Any], **data: Any) -> None:
     params = {**base, "data": {**base["data"], **data}}
     (folder / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
-
-
-def _write_tiny_dataset(folder: Path, n_train: int, n_test: int) -> None:
-    """Four gzipped IDX files of a balanced 10-class dataset with random pixels."""
-    folder.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(0)
-    tensors = {
-        "train_images": torch.randint(0, 256, (n_train, 28, 28), generator=gen),
-        "train_labels": torch.arange(n_train) % 10,
-        "test_images": torch.randint(0, 256, (n_test, 28, 28), generator=gen),
-        "test_labels": torch.arange(n_test) % 10,
-    }
-    for role, tensor in tensors.items():
-        dims = tuple(tensor.shape)
-        header = struct.pack(f">I{len(dims)}I", 0x800 | len(dims), *dims)
-        blob = header + tensor.to(torch.uint8).numpy().tobytes()
-        (folder / f"{RAW_FILES[role]}.gz").write_bytes(gzip.compress(blob, mtime=0))
 
 
 def _outputs(folder: Path) -> dict[str, bytes]:
@@ -52,7 +33,7 @@ def test_prepare_on_tiny_files_in_data_root(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base_params: dict[str, Any], capsys: Any
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    _write_tiny_dataset(tmp_path / "data" / "raw" / "kmnist", n_train=300, n_test=40)
+    write_tiny_idx_dataset(tmp_path / "data" / "raw" / "kmnist", n_train=300, n_test=40)
     _write_params(tmp_path, base_params, name="kmnist", train_subset=100, val_fraction=0.2)
     assert cli.main(["prepare"]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -68,7 +49,7 @@ def test_prepare_refuses_a_subset_larger_than_the_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base_params: dict[str, Any], capsys: Any
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    _write_tiny_dataset(tmp_path / "data" / "raw" / "mnist", n_train=100, n_test=10)
+    write_tiny_idx_dataset(tmp_path / "data" / "raw" / "mnist", n_train=100, n_test=10)
     _write_params(tmp_path, base_params, name="mnist", train_subset=500)
     assert cli.main(["prepare"]) == 2
     err = capsys.readouterr().err
