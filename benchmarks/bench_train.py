@@ -3,7 +3,7 @@
 
 Run from the repository root (the README shows the latest table and the command):
 
-    .venv/bin/python benchmarks/bench_train.py                # everything, ~10 min on 2 cores
+    .venv/bin/python benchmarks/bench_train.py                # everything, ~13 min on 2 cores
     .venv/bin/python benchmarks/bench_train.py --quick        # the epoch table only, ~1 min
     .venv/bin/python benchmarks/bench_train.py --only epoch,eval --epochs 7
 
@@ -30,7 +30,7 @@ size, optimizer (SGD 0.02 + Nesterov 0.9) and thread count:
 
 One epoch = a pass over the training images plus an evaluation of the validation images
 (every contender's fit reports val loss/accuracy per epoch, as the lecture's Keras fit).
-Each contender runs in its own thread and is released one epoch at a time: a warm-up epoch
+Each contender runs in its own process and is released one epoch at a time: a warm-up epoch
 each (imports, setup, kernel selection, compilation), then the timed epochs round robin
 (a b c ... g a b c ...), so machine noise hits all alike. Medians are reported.
 
