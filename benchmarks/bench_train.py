@@ -81,7 +81,7 @@ from deepopt.data import (
     normalize,
     pixel_stats,
     read_raw,
-    stratified_split,
+    split_raw,
 )
 from deepopt.models import build_model
 from deepopt.train import Member, split_tensors, train_tracked
@@ -144,18 +144,13 @@ class BenchData:
         return int(self.prepared.train.labels.shape[0])
 
 
-def build_data(
-    name: str, root: Path, subset: int | None, val_fraction: float, seed: int
-) -> BenchData:
-    """The same splits ``deepopt prepare`` writes for these params, kept in memory."""
-    source = locate_raw(name, root, download=False)
+def build_data(config: RunConfig, subset: int | None) -> BenchData:
+    """The same splits ``deepopt prepare`` writes for ``config`` with ``subset`` training
+    images (None: all), kept in memory."""
+    name = config.data.name
+    source = locate_raw(name, REPO / config.data.root, download=False)
     raw = read_raw(source)
-    train_index, val_index = stratified_split(raw.train_labels, subset, val_fraction, seed)
-    splits = {
-        "train": Split(raw.train_images[train_index], raw.train_labels[train_index].long()),
-        "val": Split(raw.train_images[val_index], raw.train_labels[val_index].long()),
-        "test": Split(raw.test_images, raw.test_labels.long()),
-    }
+    splits, train_index, val_index = split_raw(raw, subset, config.data.val_fraction, config.seed)
     mean, std = pixel_stats(splits["train"].images)
     digest = hashlib.sha256()
     for split in splits.values():
@@ -259,9 +254,7 @@ def _contender_main(conn: Connection, spec: Spec) -> None:
     try:
         torch.set_num_threads(spec.threads)
         cfg = spec.config
-        data = build_data(
-            cfg.data.name, REPO / cfg.data.root, spec.subset, cfg.data.val_fraction, cfg.seed
-        )
+        data = build_data(cfg, spec.subset)
         tracking.configure(spec.workdir)
         setup = Setup(cfg, data, spec.workdir, spec.experiment_id)
         out = Outcome()
@@ -809,13 +802,7 @@ def timed_tracked_run(
 def section_speedrun(bench: Bench) -> dict[str, Any]:
     """benchmarks/speedrun.yaml on its data, seeds seed..seed+n-1, and fp32 on the first."""
     config = speedrun_config(bench.setup.config, bench.args.speedrun)
-    data = build_data(
-        config.data.name,
-        REPO / config.data.root,
-        config.data.train_subset,
-        config.data.val_fraction,
-        config.seed,
-    )
+    data = build_data(config, config.data.train_subset)
     seeds = [config.seed + r for r in range(bench.args.speedrun_seeds)]
     runs = [timed_tracked_run(bench, config, data, "speedrun", seed) for seed in seeds]
     reference = None
@@ -841,13 +828,7 @@ def section_scaling(bench: Bench) -> dict[str, Any]:
         subset: (
             setup.data
             if subset == setup.config.data.train_subset
-            else build_data(
-                setup.config.data.name,
-                REPO / setup.config.data.root,
-                subset,
-                setup.config.data.val_fraction,
-                setup.config.seed,
-            )
+            else build_data(setup.config, subset)
         )
         for subset in args.sizes
     }
@@ -1303,13 +1284,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"
         tracking.configure(workdir)
         experiment_id = tracking.ensure_experiment(config.mlflow.experiment)
-        data = build_data(
-            config.data.name,
-            REPO / config.data.root,
-            config.data.train_subset,
-            config.data.val_fraction,
-            config.seed,
-        )
+        data = build_data(config, config.data.train_subset)
         bench = Bench(args, Setup(config, data, workdir, experiment_id))
         sections: dict[str, Callable[[Bench], dict[str, Any]]] = {
             "peak": section_peak,

@@ -35,6 +35,7 @@ from deepopt.data import (
     read_idx,
     read_raw,
     split_bytes,
+    split_raw,
     stratified_split,
     write_prepared,
 )
@@ -451,12 +452,7 @@ def _prepare_tiny(
     write_dataset(root / "raw" / "mnist")
     source = locate_raw("mnist", root / "raw", download=False)
     raw = read_raw(source)
-    train, val = stratified_split(raw.train_labels, subset, val_fraction, seed)
-    splits = {
-        "train": Split(raw.train_images[train], raw.train_labels[train].long()),
-        "val": Split(raw.train_images[val], raw.train_labels[val].long()),
-        "test": Split(raw.test_images, raw.test_labels.long()),
-    }
+    splits, _, _ = split_raw(raw, subset, val_fraction, seed)
     blobs = {name: split_bytes(split) for name, split in splits.items()}
     meta = build_meta(
         dataset="mnist",

@@ -81,6 +81,7 @@ __all__ = [
     "read_idx",
     "read_raw",
     "split_bytes",
+    "split_raw",
     "stratified_split",
     "write_prepared",
 ]
@@ -619,6 +620,20 @@ def stratified_split(
     train_idx = torch.cat(train_parts).sort().values
     val_idx = torch.cat(val_parts).sort().values
     return train_idx, val_idx
+
+
+def split_raw(
+    raw: RawData, subset: int | None, val_fraction: float, seed: int
+) -> tuple[dict[str, Split], torch.Tensor, torch.Tensor]:
+    """The prepared splits (train, val, test) of ``raw`` and the train and val indices into
+    its training images: ``stratified_split``'s subset, labels as int64."""
+    train_index, val_index = stratified_split(raw.train_labels, subset, val_fraction, seed)
+    splits = {
+        "train": Split(raw.train_images[train_index], raw.train_labels[train_index].long()),
+        "val": Split(raw.train_images[val_index], raw.train_labels[val_index].long()),
+        "test": Split(raw.test_images, raw.test_labels.long()),
+    }
+    return splits, train_index, val_index
 
 
 def class_counts(labels: torch.Tensor, num_classes: int = NUM_CLASSES) -> list[int]:

@@ -15,13 +15,12 @@ from deepopt import paths
 from deepopt.config import Params
 from deepopt.data import (
     SPLITS,
-    Split,
     build_meta,
     file_sha256,
     locate_raw,
     read_raw,
     split_bytes,
-    stratified_split,
+    split_raw,
     write_prepared,
 )
 from deepopt.files import check_writable
@@ -34,14 +33,7 @@ def main(params: Params, **_: object) -> dict[str, Any]:
     check_writable(*(paths.prepared_split_path(name) for name in SPLITS), paths.meta_path())
     source = locate_raw(data.name, Path(data.root))
     raw = read_raw(source)
-    train_idx, val_idx = stratified_split(
-        raw.train_labels, data.train_subset, data.val_fraction, params.seed
-    )
-    splits = {
-        "train": Split(raw.train_images[train_idx], raw.train_labels[train_idx].long()),
-        "val": Split(raw.train_images[val_idx], raw.train_labels[val_idx].long()),
-        "test": Split(raw.test_images, raw.test_labels.long()),
-    }
+    splits = split_raw(raw, data.train_subset, data.val_fraction, params.seed)[0]
     blobs = {name: split_bytes(split) for name, split in splits.items()}
     meta = build_meta(
         dataset=data.name,
