@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,6 +55,8 @@ __all__ = [
     "activation_layers",
     "build_model",
     "head_name",
+    "portable_state_dict",
+    "set_training_layout",
     "weight_layers",
 ]
 
@@ -103,6 +106,52 @@ def _same_size(size: int, stride: int) -> int:
     return (size + 2 * _PADDING - _KERNEL) // stride + 1
 
 
+class _Relayout(torch.autograd.Function):
+    """``x`` copied to ``memory_format``, with a backward that returns the gradient in
+    ``x``'s own layout. Autograd's copy returns it in the copy's layout instead, and the
+    backward of the layer before (a ReLU) then combines two layouts in a slow elementwise
+    path: for the lecture CNN, 0.7 ms a batch after conv3 instead of 0.03 ms."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+        ctx.source_format = _memory_format(x)
+        return x.contiguous(memory_format=memory_format)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.contiguous(memory_format=ctx.source_format), None
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=_NHWC):
+        return _NHWC
+    return torch.contiguous_format
+
+
+_NHWC = torch.channels_last
+
+
+class _LayoutConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that takes an NCHW input to channels_last when its weight is
+    channels_last (``set_training_layout``), its gradient going back in NCHW."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _memory_format(self.weight) == _NHWC and _memory_format(x) != _NHWC:
+            x = _Relayout.apply(x, _NHWC)
+        return super().forward(x)
+
+
+class _NCHWFlatten(nn.Flatten):
+    """``nn.Flatten`` in NCHW order for an input in either layout (the Linear layer after
+    it reads the features as channel, row, column); a channels_last input's gradient goes
+    back in channels_last."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _memory_format(x) == _NHWC:
+            x = _Relayout.apply(x, torch.contiguous_format)
+        return super().forward(x)
+
+
 class LectureCNN(nn.Sequential):
     """The lecture's ``build_nn`` (Conv-Conv-Conv-Dense-Dense), returning logits.
 
@@ -127,14 +176,14 @@ class LectureCNN(nn.Sequential):
         previous = in_channels
         for index, (channels, stride) in enumerate(zip(conv_channels, (2, 2, 1), strict=True), 1):
             # [B, previous, h, w] -> [B, channels, ceil(h / stride), ceil(w / stride)]
-            conv = nn.Conv2d(
+            conv = _LayoutConv2d(
                 previous, channels, _KERNEL, stride=stride, padding=_PADDING, bias=not batchnorm
             )
             norm: nn.Module | None = nn.BatchNorm2d(channels) if batchnorm else None
             layers += _hidden_block(index, "conv", conv, norm, activation, dropout)
             height, width = _same_size(height, stride), _same_size(width, stride)
             previous = channels
-        layers.append(("flatten", nn.Flatten()))  # [B, c3, h, w] -> [B, c3 * h * w]
+        layers.append(("flatten", _NCHWFlatten()))  # [B, c3, h, w] -> [B, c3 * h * w]
         flat = previous * height * width
         dense = nn.Linear(flat, dense_units, bias=not batchnorm)  # [B, flat] -> [B, units]
         norm = nn.BatchNorm1d(dense_units) if batchnorm else None
@@ -310,6 +359,33 @@ def build_model(
 
         load_weights_file(model, cfg.weights)
     return model
+
+
+def set_training_layout(model: nn.Module, precision: str) -> None:
+    """Lay out ``model``'s weights for the fastest training at ``precision``, in place.
+
+    Only the lecture CNN in fp32 changes: its convolutions after the first go to
+    channels_last, so conv2, conv3 and the layers between them run in NHWC, where oneDNN's
+    convolution gradients are faster (conv2's weight gradient 0.33 vs 0.66 ms a batch).
+    Measured on 2 cores, batch 50, epoch seconds (median of 6, interleaved): 0.934 vs
+    1.020 with batchnorm, 0.881 vs 0.954 without. conv1 stays NCHW: with one input
+    channel its weight gradient (186 vs 124 us) and bn1 (1.4 vs 0.35 ms forward and
+    backward) are slower in NHWC. The rest stays NCHW where NHWC lost: the lecture CNN in
+    bf16 (0.70-0.72 vs 0.69 s) and ResNet-20 in fp32 (3.1 vs 2.4 s). Call it before
+    building the optimizer, whose state then takes the same layout; outputs agree with
+    NCHW within float rounding.
+    """
+    if precision != "fp32" or not isinstance(model, LectureCNN):
+        return
+    convolutions = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    for convolution in convolutions[1:]:
+        convolution.to(memory_format=_NHWC)
+
+
+def portable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict in the default (NCHW) layout: the saved weights are the same
+    bytes whichever layout the network trained in."""
+    return {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
 
 
 def _build(cfg: ModelConfig, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:

@@ -32,7 +32,7 @@ from deepopt.config import (
 from deepopt.data import PreparedData, load_prepared, normalize
 from deepopt.errors import ConfigError, DivergedError
 from deepopt.files import check_writable, write_json, write_text, write_torch
-from deepopt.models import build_model
+from deepopt.models import build_model, portable_state_dict, set_training_layout
 from deepopt.optim import build_optimizer, build_schedule
 from deepopt.training import EarlyStopping, FitResult, LoopState, fit, steps_per_epoch
 
@@ -83,10 +83,11 @@ def split_tensors(
     With ``fit_on="train+val"`` the validation images are appended to "train"; "val" stays
     for the per-epoch report, which is then no longer a held-out measurement.
 
-    Both precisions use the default (NCHW) layout: with bf16 autocast, channels_last
-    trained slower here with torch 2.14 (lecture CNN 0.76 vs 0.68 s per epoch, ResNet-20
-    0.96 vs 0.55 s; benchmarks/bench_train.py measures it as contender g). ``precision``
-    stays in the signature for the callers.
+    The images stay NCHW for both precisions: the network's own weights decide where
+    activations turn channels_last (``models.set_training_layout``). With bf16 autocast a
+    channels_last network trained slower here with torch 2.14 (lecture CNN 0.76 vs 0.68 s
+    per epoch, ResNet-20 0.96 vs 0.55 s; benchmarks/bench_train.py measures it as
+    contender g). ``precision`` stays in the signature for the callers.
     """
     tensors = {
         name: (normalize(split.images, data.mean, data.std), split.labels)
@@ -230,6 +231,7 @@ def _fit_member(
     a torchrun job runs this with the same arguments, rank 0 with its callback)."""
     torch.manual_seed(seed)  # weight init
     model = _new_model(config, tensors, data_meta)
+    set_training_layout(model, config.train.precision)
     optimizer = build_optimizer(
         setup(model) if setup is not None else model.parameters(), config.optim
     )
@@ -351,7 +353,9 @@ def _log_run_end(
     plt.close(figure)
     tracking.log_dict(run_id, config.model_dump(mode="json"), "config.json")
     if config.mlflow.log_model:
-        tracking.log_model(run_id, model.float().eval(), example.float().numpy())
+        # NCHW weights (see portable_state_dict): torch.export's pt2 archive expects them.
+        portable = model.float().to(memory_format=torch.contiguous_format)
+        tracking.log_model(run_id, portable.eval(), example.float().numpy())
     tracking.end_run(run_id, "FINISHED")
 
 
@@ -471,7 +475,7 @@ def main(
                     "seed": r.member.seed,
                     "replica": r.member.replica,
                     "index": r.member.index,
-                    "state_dict": r.model.state_dict(),
+                    "state_dict": portable_state_dict(r.model),
                 }
                 for r in results
             ],
