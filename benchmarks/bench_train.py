@@ -107,7 +107,7 @@ TARGETS_TEXT = {
     "a_vs_b": "(a) >= 0.95 x (b): tracking, checkpoints, progress cost < 5 %",
     "a_vs_d": "(a) >= 1.8 x (d)",
     "e_vs_b": "(e) >= 1.4 x (b)",
-    "e_accuracy": "(e)'s bf16: test accuracy within 0.3 points of fp32, same seed (speedrun)",
+    "e_accuracy": "(e)'s bf16: test accuracy within 0.3 points of fp32, same seeds (speedrun)",
     "eval": "10,000 test images evaluated in < 0.5 s",
     "help": "deepopt --help < 0.3 s",
     "dvc": "no-op dvc repro < 3 s",
@@ -800,23 +800,36 @@ def timed_tracked_run(
 
 
 def section_speedrun(bench: Bench) -> dict[str, Any]:
-    """benchmarks/speedrun.yaml on its data, seeds seed..seed+n-1, and fp32 on the first."""
+    """benchmarks/speedrun.yaml on its data, seeds seed..seed+n-1, and the same in fp32.
+
+    The fp32 runs use the same seeds: bf16's accuracy cost is the mean of the per-seed
+    differences, since one pair alone differs by up to ~0.3 points from float rounding
+    (the fp32 run of seed 4487 gave 0.9105 and 0.9090 with two convolution layouts).
+    """
     config = speedrun_config(bench.setup.config, bench.args.speedrun)
     data = build_data(config, config.data.train_subset)
     seeds = [config.seed + r for r in range(bench.args.speedrun_seeds)]
     runs = [timed_tracked_run(bench, config, data, "speedrun", seed) for seed in seeds]
-    reference = None
+    references = []
     if config.train.precision != "fp32" and not bench.args.quick:
         fp32 = apply_overrides(config, {"train": {"precision": "fp32"}})
-        reference = timed_tracked_run(bench, fp32, data, "speedrun-fp32", seeds[0])
+        references = [timed_tracked_run(bench, fp32, data, "speedrun-fp32", s) for s in seeds]
     return {
         "config": config.model_dump(mode="json"),
         "train_images": data.train_count,
         "runs": runs,
         "median_wall_s": statistics.median(r["wall_s"] for r in runs),
         "median_test_acc": statistics.median(r["test_acc"] for r in runs),
-        "fp32_reference": reference,
+        "fp32_references": references,
     }
+
+
+def bf16_accuracy_gap(speedrun: dict[str, Any]) -> float | None:
+    """Mean test-accuracy difference (points) of the speedrun's runs minus fp32's, seed by
+    seed; None without fp32 runs."""
+    pairs = zip(speedrun["runs"], speedrun.get("fp32_references") or [], strict=False)
+    gaps = [(fast["test_acc"] - fp32["test_acc"]) * 100 for fast, fp32 in pairs]
+    return statistics.mean(gaps) if gaps else None
 
 
 def section_scaling(bench: Bench) -> dict[str, Any]:
@@ -1028,10 +1041,9 @@ def targets(results: dict[str, Any], stage_precision: str) -> list[dict[str, Any
     add("a_vs_d", speed("a", "d"), 1.8, True, "x")
     add("e_vs_b", speed("e", "b"), 1.4, True, "x")
     speedrun = results.get("speedrun")
-    if speedrun and speedrun.get("fp32_reference"):
-        fast = speedrun["runs"][0]["test_acc"]
-        gap = abs(fast - speedrun["fp32_reference"]["test_acc"]) * 100
-        add("e_accuracy", gap, 0.3, False, "points")
+    gap = bf16_accuracy_gap(speedrun) if speedrun else None
+    if gap is not None:
+        add("e_accuracy", abs(gap), 0.3, False, "points")
     if speedrun:
         add("speedrun", min(r["test_acc"] for r in speedrun["runs"]), SPEEDRUN_ACCURACY, True, "")
     evaluation = results.get("eval")
@@ -1143,11 +1155,14 @@ def markdown(results: dict[str, Any]) -> str:
             f"{', '.join(str(r['seed']) for r in s['runs'])} "
             f"({per_seed}).",
         ]
-        if s.get("fp32_reference"):
-            r = s["fp32_reference"]
+        if s.get("fp32_references"):
+            fp32 = ", ".join(
+                f"{r['seed']}: {r['wall_s']:.1f} s / {r['test_acc']:.4f}"
+                for r in s["fp32_references"]
+            )
             lines.append(
-                f"The same in fp32, seed {r['seed']}: {r['wall_s']:.1f} s, "
-                f"test acc {r['test_acc']:.4f}."
+                f"The same in fp32: {fp32}; bf16 minus fp32, mean over the seeds: "
+                f"{bf16_accuracy_gap(s):+.2f} points of test accuracy."
             )
     if results.get("scaling"):
         lines += scaling_tables(results["scaling"]["rows"])

@@ -71,3 +71,40 @@ def test_quick_run_writes_table_and_json(tmp_path: Path) -> None:
     assert any("(a) >= 0.95" in t for t in targets) and any("--help" in t for t in targets)
     assert "| (b) bare PyTorch loop" in results["markdown"]
     assert "| (b) bare PyTorch loop" in done.stdout
+
+
+def test_speedrun_compares_bf16_with_fp32_seed_by_seed(tmp_path: Path) -> None:
+    if not DEBIAN_FASHION_MNIST.is_dir():
+        pytest.skip(f"{DEBIAN_FASHION_MNIST} is missing: run `make setup`")
+    tiny = tmp_path / "speedrun.yaml"
+    tiny.write_text(
+        "data: {train_subset: 200}\n"
+        "early_stop: {enabled: false}\n"
+        "train: {epochs: 1, batch_size: 50, precision: bf16}\n"
+        "mlflow: {log_model: false}\n"
+    )
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [
+            *(sys.executable, str(SCRIPT), "--only", "speedrun", "--speedrun", str(tiny)),
+            *("--speedrun-seeds", "2", "--threads", "1", "--out", str(out)),
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (result_file,) = out.glob("bench-*.json")
+    speedrun = json.loads(result_file.read_text())["speedrun"]
+    seeds = [run["seed"] for run in speedrun["runs"]]
+    assert len(seeds) == 2 and [r["seed"] for r in speedrun["fp32_references"]] == seeds
+    gaps = [
+        (fast["test_acc"] - fp32["test_acc"]) * 100
+        for fast, fp32 in zip(speedrun["runs"], speedrun["fp32_references"], strict=True)
+    ]
+    (target,) = [
+        t for t in json.loads(result_file.read_text())["targets"] if "same seeds" in t["target"]
+    ]
+    assert target["value"] == pytest.approx(abs(sum(gaps) / 2))
