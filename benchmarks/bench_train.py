@@ -3,7 +3,7 @@
 
 Run from the repository root (the README shows the latest table and the command):
 
-    .venv/bin/python benchmarks/bench_train.py                # everything, ~13 min on 2 cores
+    .venv/bin/python benchmarks/bench_train.py                # everything, ~12 min on 2 cores
     .venv/bin/python benchmarks/bench_train.py --quick        # the epoch table only, ~1 min
     .venv/bin/python benchmarks/bench_train.py --only epoch,eval --epochs 7
 
