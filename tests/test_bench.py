@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,28 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_train.py"
 
 
-def test_quick_run_writes_table_and_json(tmp_path: Path) -> None:
+def _run_bench(tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
+    """The script's JSON results and its printed output, run with ``args`` in tmp_path."""
     if not DEBIAN_FASHION_MNIST.is_dir():
         pytest.skip(f"{DEBIAN_FASHION_MNIST} is missing: run `make setup`")
     out = tmp_path / "results"
     done = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--quick",
-            "--subset",
-            "100",
-            "--threads",
-            "1",
-            "--only",
-            "epoch,eval,cli",
-            "--contenders",
-            "abce",
-            "--eval-images",
-            "500",
-            "--out",
-            str(out),
-        ],
+        [sys.executable, str(SCRIPT), *args, "--threads", "1", "--out", str(out)],
         cwd=tmp_path,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
         capture_output=True,
@@ -51,7 +37,15 @@ def test_quick_run_writes_table_and_json(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     (result_file,) = out.glob("bench-*.json")
-    results = json.loads(result_file.read_text())
+    return json.loads(result_file.read_text()), done.stdout
+
+
+def test_quick_run_writes_table_and_json(tmp_path: Path) -> None:
+    results, stdout = _run_bench(
+        tmp_path,
+        *("--quick", "--subset", "100", "--only", "epoch,eval,cli"),
+        *("--contenders", "abce", "--eval-images", "500"),
+    )
 
     epoch = results["epoch"]
     assert epoch["train_images"] == 90 and epoch["batch_size"] == 50
@@ -70,12 +64,10 @@ def test_quick_run_writes_table_and_json(tmp_path: Path) -> None:
     targets = {t["target"] for t in results["targets"]}
     assert any("(a) >= 0.95" in t for t in targets) and any("--help" in t for t in targets)
     assert "| (b) bare PyTorch loop" in results["markdown"]
-    assert "| (b) bare PyTorch loop" in done.stdout
+    assert "| (b) bare PyTorch loop" in stdout
 
 
 def test_speedrun_compares_bf16_with_fp32_seed_by_seed(tmp_path: Path) -> None:
-    if not DEBIAN_FASHION_MNIST.is_dir():
-        pytest.skip(f"{DEBIAN_FASHION_MNIST} is missing: run `make setup`")
     tiny = tmp_path / "speedrun.yaml"
     tiny.write_text(
         "data: {train_subset: 200}\n"
@@ -83,28 +75,15 @@ def test_speedrun_compares_bf16_with_fp32_seed_by_seed(tmp_path: Path) -> None:
         "train: {epochs: 1, batch_size: 50, precision: bf16}\n"
         "mlflow: {log_model: false}\n"
     )
-    out = tmp_path / "results"
-    done = subprocess.run(
-        [
-            *(sys.executable, str(SCRIPT), "--only", "speedrun", "--speedrun", str(tiny)),
-            *("--speedrun-seeds", "2", "--threads", "1", "--out", str(out)),
-        ],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    results, _ = _run_bench(
+        tmp_path, "--only", "speedrun", "--speedrun", str(tiny), "--speedrun-seeds", "2"
     )
-    assert done.returncode == 0, done.stderr[-2000:]
-    (result_file,) = out.glob("bench-*.json")
-    speedrun = json.loads(result_file.read_text())["speedrun"]
+    speedrun = results["speedrun"]
     seeds = [run["seed"] for run in speedrun["runs"]]
     assert len(seeds) == 2 and [r["seed"] for r in speedrun["fp32_references"]] == seeds
     gaps = [
         (fast["test_acc"] - fp32["test_acc"]) * 100
         for fast, fp32 in zip(speedrun["runs"], speedrun["fp32_references"], strict=True)
     ]
-    (target,) = [
-        t for t in json.loads(result_file.read_text())["targets"] if "same seeds" in t["target"]
-    ]
+    (target,) = [t for t in results["targets"] if "same seeds" in t["target"]]
     assert target["value"] == pytest.approx(abs(sum(gaps) / 2))

@@ -106,6 +106,9 @@ def _same_size(size: int, stride: int) -> int:
     return (size + 2 * _PADDING - _KERNEL) // stride + 1
 
 
+_NHWC = torch.channels_last
+
+
 class _Relayout(torch.autograd.Function):
     """``x`` copied to ``memory_format``, with a backward that returns the gradient in
     ``x``'s own layout. Autograd's copy returns it in the copy's layout instead, and the
@@ -123,17 +126,17 @@ class _Relayout(torch.autograd.Function):
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last only for a 4-d tensor that is not also plain contiguous (with one
+    channel, or one pixel, a tensor is both)."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=_NHWC):
         return _NHWC
     return torch.contiguous_format
 
 
-_NHWC = torch.channels_last
-
-
 class _LayoutConv2d(nn.Conv2d):
     """``nn.Conv2d`` that takes an NCHW input to channels_last when its weight is
-    channels_last (``set_training_layout``), its gradient going back in NCHW."""
+    channels_last (``set_training_layout``), its gradient going back in NCHW (conv2 after
+    the NCHW conv1 block)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _memory_format(self.weight) == _NHWC and _memory_format(x) != _NHWC:
