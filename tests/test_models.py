@@ -20,7 +20,6 @@ from deepopt.models import (
     activation_layers,
     build_model,
     head_name,
-    portable_state_dict,
     set_training_layout,
     weight_layers,
 )
@@ -335,8 +334,8 @@ def test_fp32_training_layout_changes_memory_not_the_lecture_cnns_outputs_or_gra
     for (name, p), q in zip(plain.named_parameters(), laid_out.parameters(), strict=True):
         assert q.grad is not None and p.grad is not None
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
-    # Saved weights are NCHW whatever the training layout, and load into a plain network.
-    saved = portable_state_dict(laid_out)
+    # Undone after training, the weights are NCHW again and load into a plain network.
+    saved = laid_out.to(memory_format=torch.contiguous_format).state_dict()
     assert all(tensor.is_contiguous() for tensor in saved.values())
     assert saved.keys() == plain.state_dict().keys()
     fresh = build_model(ModelConfig(batchnorm=batchnorm))

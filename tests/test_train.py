@@ -52,6 +52,8 @@ def test_outputs_and_mlflow_run(
 
     saved = torch.load(work / "models/small/model.pt", weights_only=True)
     assert saved["experiment"] == "small" and len(saved["members"]) == 1
+    weights = saved["members"][0]["state_dict"].values()
+    assert all(t.is_contiguous() for t in weights), "saved NCHW whatever the training layout"
     metrics = json.loads((work / "metrics/small/train.json").read_text())
     assert metrics["epochs_run"] == 3 and 0.0 < metrics["best_val_acc"] <= 1.0
     assert len(_history(work)) == 3

@@ -55,7 +55,6 @@ __all__ = [
     "activation_layers",
     "build_model",
     "head_name",
-    "portable_state_dict",
     "set_training_layout",
     "weight_layers",
 ]
@@ -376,19 +375,14 @@ def set_training_layout(model: nn.Module, precision: str) -> None:
     backward) are slower in NHWC. The rest stays NCHW where NHWC lost: the lecture CNN in
     bf16 (0.70-0.72 vs 0.69 s) and ResNet-20 in fp32 (3.1 vs 2.4 s). Call it before
     building the optimizer, whose state then takes the same layout; outputs agree with
-    NCHW within float rounding.
+    NCHW within float rounding. ``model.to(memory_format=torch.contiguous_format)`` undoes
+    it.
     """
     if precision != "fp32" or not isinstance(model, LectureCNN):
         return
     convolutions = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     for convolution in convolutions[1:]:
         convolution.to(memory_format=_NHWC)
-
-
-def portable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model``'s state dict in the default (NCHW) layout: the saved weights are the same
-    bytes whichever layout the network trained in."""
-    return {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
 
 
 def _build(cfg: ModelConfig, image_shape: tuple[int, int, int], num_classes: int) -> nn.Module:

@@ -24,7 +24,6 @@ from deepopt.config import Params, RunConfig, apply_overrides, resolve_transfer
 from deepopt.data import pixel_stats
 from deepopt.files import check_writable, write_json, write_torch
 from deepopt.metrics import loss_and_accuracy
-from deepopt.models import portable_state_dict
 from deepopt.train import Member, train_tracked
 from deepopt.training import evaluate_logits
 from deepopt.transfer import load_task, task_digest, task_tensors
@@ -93,7 +92,7 @@ def main(params: Params, **_: object) -> dict[str, Any]:
     write_torch(
         model_file,
         {
-            "state_dict": portable_state_dict(result.model),
+            "state_dict": result.model.state_dict(),
             "model_config": config.model.model_dump(mode="json"),
             "image_shape": list(tensors["train"][0].shape[1:]),
             "num_classes": task.num_classes,

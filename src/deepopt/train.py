@@ -32,7 +32,7 @@ from deepopt.config import (
 from deepopt.data import PreparedData, load_prepared, normalize
 from deepopt.errors import ConfigError, DivergedError
 from deepopt.files import check_writable, write_json, write_text, write_torch
-from deepopt.models import build_model, portable_state_dict, set_training_layout
+from deepopt.models import build_model, set_training_layout
 from deepopt.optim import build_optimizer, build_schedule
 from deepopt.training import EarlyStopping, FitResult, LoopState, fit, steps_per_epoch
 
@@ -257,6 +257,9 @@ def _fit_member(
         on_epoch_end=on_epoch_end,
         parallel=parallel,
     )
+    # Back to NCHW: the saved, logged and exported weights (torch.export's pt2 archive
+    # expects contiguous ones) are the same bytes whichever layout trained them.
+    model.to(memory_format=torch.contiguous_format)
     return model, result
 
 
@@ -353,9 +356,7 @@ def _log_run_end(
     plt.close(figure)
     tracking.log_dict(run_id, config.model_dump(mode="json"), "config.json")
     if config.mlflow.log_model:
-        # NCHW weights (see portable_state_dict): torch.export's pt2 archive expects them.
-        portable = model.float().to(memory_format=torch.contiguous_format)
-        tracking.log_model(run_id, portable.eval(), example.float().numpy())
+        tracking.log_model(run_id, model.float().eval(), example.float().numpy())
     tracking.end_run(run_id, "FINISHED")
 
 
@@ -475,7 +476,7 @@ def main(
                     "seed": r.member.seed,
                     "replica": r.member.replica,
                     "index": r.member.index,
-                    "state_dict": portable_state_dict(r.model),
+                    "state_dict": r.model.state_dict(),
                 }
                 for r in results
             ],
