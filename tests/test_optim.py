@@ -17,7 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from deepopt.config import OPTIMIZER_NAMES, OptimConfig, ScheduleConfig
+from deepopt.config import (
+    OPTIMIZER_KNOBS,
+    OPTIMIZER_NAMES,
+    SCHEDULE_KNOBS,
+    SCHEDULE_NAMES,
+    OptimConfig,
+    ScheduleConfig,
+)
 from deepopt.errors import ConfigError, DeepoptError
 from deepopt.optim import COSINE_FLOOR, LRSchedule, build_optimizer, build_schedule
 
@@ -252,6 +259,29 @@ def test_cosine_refuses_a_floor_of_zero() -> None:
 def test_cosine_warmup_must_leave_a_cosine_epoch() -> None:
     with pytest.raises(ConfigError, match="warmup_epochs"):
         make_run(ScheduleConfig(name="cosine", warmup_epochs=5), epochs=5, steps=1)
+
+
+@pytest.mark.parametrize("name", SCHEDULE_NAMES)
+def test_every_configurable_schedule_builds_and_only_inverse_time_steps_per_batch(
+    name: str,
+) -> None:
+    _, _, schedule = make_run(ScheduleConfig(name=name), epochs=3, steps=2)  # type: ignore[arg-type]
+    assert schedule.name == name and schedule.per_batch == (name == "inverse_time")
+
+
+def test_schedules_take_their_defaults_from_the_config_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # SCHEDULE_KNOBS is the one table of defaults: changing it changes the built schedule.
+    monkeypatch.setitem(SCHEDULE_KNOBS["step"], "gamma", 0.5)
+    monkeypatch.setitem(SCHEDULE_KNOBS["step"], "step_size", 2)
+    lrs = per_epoch(run(ScheduleConfig(name="step"), epochs=5, steps=1))
+    assert lrs == pytest.approx([LR0, LR0, LR0 / 2, LR0 / 2, LR0 / 4], rel=1e-12)
+    monkeypatch.setitem(SCHEDULE_KNOBS["inverse_time"], "decay", 0.5)
+    flat = [
+        lr for used in run(ScheduleConfig(name="inverse_time"), epochs=1, steps=3) for lr in used
+    ]
+    assert flat == pytest.approx([LR0, LR0 / 1.5, LR0 / 2], rel=1e-12)
 
 
 ROUND_TRIP_CASES: list[tuple[dict[str, Any], list[float] | None]] = [
@@ -497,6 +527,17 @@ def test_adam_betas_and_eps_and_adagrad_eps() -> None:
     assert (g["betas"], g["eps"]) == ((0.8, 0.99), 1e-7)
     adagrad = OptimConfig(name="adagrad", eps=1e-6)
     assert build_optimizer([nn.Parameter(torch.zeros(2))], adagrad).param_groups[0]["eps"] == 1e-6
+
+
+def test_optimizers_take_their_defaults_from_the_config_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(OPTIMIZER_KNOBS["adagrad"], "eps", 1e-3)
+    monkeypatch.setitem(OPTIMIZER_KNOBS["nesterov"], "momentum", 0.5)
+    for name, key, value in (("adagrad", "eps", 1e-3), ("nesterov", "momentum", 0.5)):
+        cfg = OptimConfig(name=name)  # type: ignore[arg-type]
+        group = build_optimizer([nn.Parameter(torch.zeros(2))], cfg).param_groups[0]
+        assert group[key] == value
 
 
 def test_param_groups_keep_their_own_overrides() -> None:

@@ -24,7 +24,8 @@ __all__ = ["main"]
 
 
 def _stage(module: str) -> Callable[..., dict[str, Any]]:
-    return importlib.import_module(f"deepopt.{module}").main  # type: ignore[no-any-return]
+    """The stage's ``main``, imported only when it runs: ``--help`` imports no torch."""
+    return importlib.import_module(f"deepopt.stages.{module}").main  # type: ignore[no-any-return]
 
 
 def _add_stage(

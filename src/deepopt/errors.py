@@ -16,6 +16,7 @@ __all__ = [
     "DeepoptError",
     "DivergedError",
     "TrackingError",
+    "one_line",
 ]
 
 EXIT_RUNTIME = 1  # a runtime failure: data, tracking, storage, files
@@ -48,3 +49,18 @@ class DivergedError(DeepoptError):
     """The training loss became NaN or infinite."""
 
     exit_code = EXIT_DIVERGED
+
+
+def one_line(error: object, limit: int = 300, *, with_type: bool = False) -> str:
+    """``error`` (an exception or any text) as one line of at most ``limit`` characters:
+    white space folded, "..." where it is cut; ``with_type`` puts the exception's type in
+    front ("URLError: ..."), and an exception without text is its type alone.
+
+    The one formatter for library errors quoted inside a deepopt message, so every message
+    stays one line however many lines the library printed.
+    """
+    text = " ".join(str(error).split())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    if isinstance(error, BaseException) and (with_type or not text):
+        return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text

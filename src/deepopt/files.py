@@ -1,4 +1,5 @@
-"""Atomic file writes: every output appears whole or not at all.
+"""Atomic file writes (every output appears whole or not at all) and the one guarded
+``torch.load`` for every file deepopt reads back.
 
 Each writer writes a temp file in the destination's folder and renames it over the target
 (``os.replace`` is atomic within one filesystem), so DVC never caches a half-written file
@@ -15,11 +16,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from deepopt.errors import DeepoptError
+from deepopt.errors import DataError, DeepoptError, one_line
 
 __all__ = [
+    "UnreadableFileError",
     "atomic_path",
     "check_writable",
+    "load_torch",
     "write_bytes",
     "write_json",
     "write_text",
@@ -94,3 +97,41 @@ def write_torch(target: str | Path, obj: Any) -> None:
     import torch  # lazy: this module is also used by torch-free commands
 
     _write(target, "wb", lambda handle: torch.save(obj, handle))
+
+
+class UnreadableFileError(DataError):
+    """A file torch cannot load safely; ``problem`` says why in one line."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path}: cannot be loaded ({problem})")
+        self.path = path
+        self.problem = problem
+
+
+_UNSAFE = "it holds objects other than tensors and plain data; refused unread"
+
+
+def load_torch(path: str | Path, *, mmap: bool = False) -> Any:
+    """``torch.load`` with ``weights_only=True`` on the CPU: a file is never unpickled with
+    code execution, and a GPU-written file loads anywhere.
+
+    FileNotFoundError passes through (the caller says what is missing and what makes it);
+    any other failure is an ``UnreadableFileError`` with a one-line problem. torch's own text
+    suggests ``weights_only=False``, exactly what must not happen, so it is replaced.
+    """
+    import warnings
+
+    import torch  # lazy: this module is also used by torch-free commands
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            # torch warns about an unusual pickle protocol before refusing it.
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch raises several types for a corrupt archive
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        problem = _UNSAFE if first.startswith("Weights only load failed") else one_line(first, 200)
+        raise UnreadableFileError(path, problem) from None

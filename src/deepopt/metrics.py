@@ -20,6 +20,7 @@ __all__ = [
     "confusion_matrix",
     "ensemble_log_probs",
     "loss_and_accuracy",
+    "loss_and_accuracy_of_logits",
     "mean_and_std",
 ]
 
@@ -36,6 +37,13 @@ def loss_and_accuracy(log_probs: torch.Tensor, labels: torch.Tensor) -> tuple[fl
     """Mean negative log-likelihood (cross-entropy) and accuracy of log-probabilities [N, C]."""
     loss = torch.nn.functional.nll_loss(log_probs, labels).item()
     accuracy = (log_probs.argmax(dim=1) == labels).float().mean().item()
+    return loss, accuracy
+
+
+def loss_and_accuracy_of_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Cross-entropy and accuracy of raw logits [N, C] (the training loop's validation)."""
+    loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    accuracy = (logits.argmax(dim=1) == labels).float().mean().item()
     return loss, accuracy
 
 

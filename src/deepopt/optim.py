@@ -1,41 +1,22 @@
-"""The lecture's optimizers and learning-rate schedules, built from torch.optim only.
-
-Each schedule's formula is written once here as a pure function of the epoch (or batch)
-index ``k``, counted from 0, that returns the learning rate as a multiple of the initial
-rate ``eta0`` (the ``lr_lambda`` of ``torch.optim.lr_scheduler.LambdaLR``):
-
-- constant:      eta_k = eta0
-- linear:        eta_k = (1 - a) eta0 + a eta_T,  a = min(k / T, 1)      (per epoch)
-- inverse_time:  eta_k = eta0 / (1 + delta k)                             (per batch)
-- step:          eta_k = eta0 gamma^floor(k / step_size)                  (per epoch)
-- cosine:        warmup eta0 (k + 1) / (W + 1) for k < W, then
-                 min_lr + (eta0 - min_lr) (1 + cos(pi t)) / 2,
-                 t = (k - W) / (E - 1 - W), reaching min_lr at the last epoch E - 1
-                 (min_lr defaults to eta0 / 100: every epoch trains at a positive rate)
-- plateau:       Keras' ReduceLROnPlateau on the monitored validation metric (per epoch)
-
-``LRSchedule`` hides which of these step per batch and which per epoch: a training loop
-calls ``after_batch()`` after every optimizer step and ``after_epoch(metrics)`` after
-every validation, and the learning rate in ``optimizer.param_groups`` is then the one the
-next batch must use.
-"""
+"""The lecture's optimizers and learning-rate schedules, built from torch.optim only, with
+each schedule's formula written once (see "the lecture's formulas" below)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from torch.optim import lr_scheduler
 
-from deepopt.config import OPTIMIZER_KNOBS, SCHEDULE_KNOBS, OptimConfig, ScheduleConfig
+from deepopt.config import OPTIMIZER_NAMES, SCHEDULE_NAMES, OptimConfig, ScheduleConfig
+from deepopt.config.run import check_cosine_warmup
 from deepopt.errors import ConfigError, DeepoptError
 
 __all__ = [
     "COSINE_FLOOR",
-    "PER_BATCH_SCHEDULES",
     "LRSchedule",
     "build_optimizer",
     "build_schedule",
@@ -45,31 +26,30 @@ __all__ = [
     "linear_factor",
 ]
 
-# Schedules that change the rate after every batch; all others change it after an epoch.
-PER_BATCH_SCHEDULES = frozenset({"inverse_time"})
 # cosine's default min_lr as a fraction of eta0: its last epoch still trains.
 COSINE_FLOOR = 0.01
 
+_T = TypeVar("_T")
 
-def _knob(value: Any, table: Mapping[str, Mapping[str, Any]], name: str, key: str) -> Any:
-    """A knob's configured value, or its default when the config left it unset (None)."""
-    return table[name][key] if value is None else value
+
+def _filled(value: _T | None, key: str) -> _T:
+    """A knob as validation filled it in: the config (``OPTIMIZER_KNOBS``/``SCHEDULE_KNOBS``)
+    holds every default, so an unset knob here means the config skipped validation."""
+    if value is None:
+        raise DeepoptError(f"internal: {key} is unset; configs must be validated to fill it in")
+    return value
 
 
 def build_optimizer(
     parameters: Iterable[nn.Parameter] | list[dict[str, Any]], cfg: OptimConfig
 ) -> torch.optim.Optimizer:
-    """The torch.optim optimizer named by ``cfg.name``.
+    """The torch.optim optimizer named by ``cfg.name``, with the knobs the config filled in.
 
     ``parameters`` are a module's parameters or param groups; a group's own ``lr`` or
     ``weight_decay`` overrides the config's. ``momentum`` and ``nesterov`` are the
     lecture's SGD with momentum 0.9 (``nesterov=True`` for the latter); ``rho`` is
     RMSprop's ``alpha``; ``eps`` is the lecture's delta; ``betas`` its (rho1, rho2).
     """
-
-    def knob(key: str) -> Any:
-        return _knob(getattr(cfg, key), OPTIMIZER_KNOBS, cfg.name, key)
-
     lr, weight_decay = cfg.lr, cfg.weight_decay
     optim = torch.optim
     # fused: one kernel for all parameters instead of a few ops per tensor; the lecture
@@ -81,41 +61,51 @@ def build_optimizer(
         return optim.SGD(
             parameters,
             lr=lr,
-            momentum=knob("momentum"),
+            momentum=_filled(cfg.momentum, "optim.momentum"),
             nesterov=cfg.name == "nesterov",
             weight_decay=weight_decay,
             fused=True,
         )
     if cfg.name == "adagrad":
-        return optim.Adagrad(
-            parameters, lr=lr, eps=knob("eps"), weight_decay=weight_decay, fused=True
-        )
+        eps = _filled(cfg.eps, "optim.eps")
+        return optim.Adagrad(parameters, lr=lr, eps=eps, weight_decay=weight_decay, fused=True)
     if cfg.name == "rmsprop":
         return optim.RMSprop(
             parameters,
             lr=lr,
-            alpha=knob("rho"),
-            eps=knob("eps"),
-            momentum=knob("momentum"),
+            alpha=_filled(cfg.rho, "optim.rho"),
+            eps=_filled(cfg.eps, "optim.eps"),
+            momentum=_filled(cfg.momentum, "optim.momentum"),
             weight_decay=weight_decay,
             foreach=True,
         )
     if cfg.name in ("adam", "adamw"):
         adam = optim.Adam if cfg.name == "adam" else optim.AdamW
-        betas = tuple(knob("betas"))
+        betas = tuple(_filled(cfg.betas, "optim.betas"))
         return adam(
             parameters,
             lr=lr,
             betas=(betas[0], betas[1]),
-            eps=knob("eps"),
+            eps=_filled(cfg.eps, "optim.eps"),
             weight_decay=weight_decay,
             fused=True,
         )
-    allowed = ", ".join(OPTIMIZER_KNOBS)
-    raise ConfigError(f"optim.name: {cfg.name!r} is not one of {allowed}")
+    raise ConfigError(f"optim.name: {cfg.name!r} is not one of {', '.join(OPTIMIZER_NAMES)}")
 
 
 # --- the lecture's formulas, as multiples of eta0 -------------------------------------
+# Each is a pure function of the epoch (or batch) index k, counted from 0, that returns
+# the learning rate as a multiple of the initial rate eta0 (the lr_lambda of LambdaLR):
+#
+# - constant:      eta_k = eta0
+# - linear:        eta_k = (1 - a) eta0 + a eta_T,  a = min(k / T, 1)      (per epoch)
+# - inverse_time:  eta_k = eta0 / (1 + delta k)                             (per batch)
+# - step:          eta_k = eta0 gamma^floor(k / step_size)                  (per epoch)
+# - cosine:        warmup eta0 (k + 1) / (W + 1) for k < W, then
+#                  min_lr + (eta0 - min_lr) (1 + cos(pi t)) / 2,
+#                  t = (k - W) / (E - 1 - W), reaching min_lr at the last epoch E - 1
+#                  (min_lr defaults to eta0 / 100: every epoch trains at a positive rate)
+# - plateau:       Keras' ReduceLROnPlateau on the monitored validation metric (per epoch)
 
 
 def linear_factor(k: int, *, lr0: float, final_lr: float, horizon: int) -> float:
@@ -160,7 +150,13 @@ def keras_plateau_translation(patience: int, cooldown: int) -> tuple[int, int]:
 
 
 class LRSchedule:
-    """A torch LR scheduler plus when to step it (per batch or per epoch)."""
+    """A torch LR scheduler plus when to step it (per batch or per epoch).
+
+    It hides which schedules step per batch and which per epoch: a training loop calls
+    ``after_batch()`` after every optimizer step and ``after_epoch(metrics)`` after every
+    validation, and the rate in ``optimizer.param_groups`` is then the one the next batch
+    must use.
+    """
 
     def __init__(
         self,
@@ -168,10 +164,11 @@ class LRSchedule:
         scheduler: lr_scheduler.LRScheduler,
         optimizer: torch.optim.Optimizer,
         *,
+        per_batch: bool = False,
         monitor: str | None = None,
     ) -> None:
         self.name = name
-        self.per_batch = name in PER_BATCH_SCHEDULES
+        self.per_batch = per_batch  # set by the schedule's builder below
         self.monitor = monitor  # plateau only: the metric key after_epoch reads
         self._scheduler = scheduler
         self._optimizer = optimizer
@@ -219,6 +216,100 @@ class LRSchedule:
             group["lr"] = float(lr)
 
 
+# --- one builder per schedule.name: the only place that dispatches on it -------------
+# Each reads the knobs the config filled in; the two the config leaves null are derived by
+# their builder when the run length and eta0 are known: linear's horizon (train.epochs)
+# and cosine's min_lr (COSINE_FLOOR x eta0). They stay null in the resolved config because
+# it is what MLflow logs as params and what config_hash keys checkpoints and studies by.
+
+_Builder = Callable[[torch.optim.Optimizer, ScheduleConfig, int], LRSchedule]
+
+
+def _lambda(
+    cfg: ScheduleConfig,
+    optimizer: torch.optim.Optimizer,
+    factor: Callable[[int], float],
+    *,
+    per_batch: bool = False,
+) -> LRSchedule:
+    scheduler = lr_scheduler.LambdaLR(optimizer, factor)
+    return LRSchedule(cfg.name, scheduler, optimizer, per_batch=per_batch)
+
+
+def _constant(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int) -> LRSchedule:
+    return _lambda(cfg, optimizer, lambda k: 1.0)
+
+
+def _linear(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int) -> LRSchedule:
+    lr0 = float(optimizer.defaults["lr"])
+    final_lr = float(_filled(cfg.final_lr, "schedule.final_lr"))
+    horizon = epochs if cfg.horizon is None else cfg.horizon  # null: the whole run
+
+    def factor(k: int) -> float:
+        return linear_factor(k, lr0=lr0, final_lr=final_lr, horizon=horizon)
+
+    return _lambda(cfg, optimizer, factor)
+
+
+def _inverse_time(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int) -> LRSchedule:
+    decay = float(_filled(cfg.decay, "schedule.decay"))
+    # k counts batches: the one schedule that steps after every batch, as Keras' decay.
+    return _lambda(cfg, optimizer, lambda k: inverse_time_factor(k, decay=decay), per_batch=True)
+
+
+def _step(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int) -> LRSchedule:
+    scheduler = lr_scheduler.StepLR(
+        optimizer,
+        step_size=_filled(cfg.step_size, "schedule.step_size"),
+        gamma=float(_filled(cfg.gamma, "schedule.gamma")),
+    )
+    return LRSchedule(cfg.name, scheduler, optimizer)
+
+
+def _cosine(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int) -> LRSchedule:
+    lr0 = float(optimizer.defaults["lr"])
+    warmup_epochs = _filled(cfg.warmup_epochs, "schedule.warmup_epochs")
+    min_lr = lr0 * COSINE_FLOOR if cfg.min_lr is None else float(cfg.min_lr)
+    try:  # the run config checks it too; epochs here is the caller's
+        check_cosine_warmup(warmup_epochs, epochs)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+    def factor(k: int) -> float:
+        return cosine_factor(k, lr0=lr0, min_lr=min_lr, warmup_epochs=warmup_epochs, epochs=epochs)
+
+    return _lambda(cfg, optimizer, factor)
+
+
+def _plateau(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int) -> LRSchedule:
+    monitor = _filled(cfg.monitor, "schedule.monitor")
+    patience, cooldown = keras_plateau_translation(
+        _filled(cfg.patience, "schedule.patience"), _filled(cfg.cooldown, "schedule.cooldown")
+    )
+    scheduler = lr_scheduler.ReduceLROnPlateau(
+        optimizer,
+        mode="max" if monitor == "val_acc" else "min",
+        factor=float(_filled(cfg.factor, "schedule.factor")),
+        patience=patience,
+        threshold=float(_filled(cfg.min_delta, "schedule.min_delta")),
+        threshold_mode="abs",  # Keras' min_delta is an absolute change
+        cooldown=cooldown,
+        min_lr=float(_filled(cfg.min_lr, "schedule.min_lr")),
+        eps=0.0,  # Keras reduces whenever lr > min_lr; torch's default skips < 1e-8
+    )
+    return LRSchedule(cfg.name, scheduler, optimizer, monitor=monitor)
+
+
+_BUILDERS: dict[str, _Builder] = {
+    "constant": _constant,
+    "linear": _linear,
+    "inverse_time": _inverse_time,
+    "plateau": _plateau,
+    "step": _step,
+    "cosine": _cosine,
+}
+
+
 def build_schedule(
     optimizer: torch.optim.Optimizer,
     cfg: ScheduleConfig,
@@ -238,69 +329,7 @@ def build_schedule(
         raise ConfigError(
             f"schedule: epochs ({epochs}) and steps_per_epoch ({steps_per_epoch}) must be >= 1"
         )
-
-    def knob(key: str) -> Any:
-        return _knob(getattr(cfg, key), SCHEDULE_KNOBS, cfg.name, key)
-
-    lr0 = float(optimizer.defaults["lr"])
-    factor: Callable[[int], float]
-    if cfg.name == "constant":
-
-        def factor(k: int) -> float:
-            return 1.0
-
-    elif cfg.name == "linear":
-        final_lr = float(knob("final_lr"))
-        horizon = int(knob("horizon") or epochs)
-
-        def factor(k: int) -> float:
-            return linear_factor(k, lr0=lr0, final_lr=final_lr, horizon=horizon)
-
-    elif cfg.name == "inverse_time":
-        decay = float(knob("decay"))
-
-        def factor(k: int) -> float:
-            return inverse_time_factor(k, decay=decay)
-
-    elif cfg.name == "step":
-        step_size, gamma = int(knob("step_size")), float(knob("gamma"))
-        scheduler: lr_scheduler.LRScheduler = lr_scheduler.StepLR(
-            optimizer, step_size=step_size, gamma=gamma
-        )
-        return LRSchedule(cfg.name, scheduler, optimizer)
-
-    elif cfg.name == "cosine":
-        warmup_epochs, floor = int(knob("warmup_epochs")), knob("min_lr")
-        min_lr = lr0 * COSINE_FLOOR if floor is None else float(floor)
-        if warmup_epochs >= epochs:
-            raise ConfigError(
-                f"schedule.warmup_epochs: {warmup_epochs} must be less than train.epochs "
-                f"({epochs}) so the cosine phase has at least one epoch"
-            )
-
-        def factor(k: int) -> float:
-            return cosine_factor(
-                k, lr0=lr0, min_lr=min_lr, warmup_epochs=warmup_epochs, epochs=epochs
-            )
-
-    elif cfg.name == "plateau":
-        monitor = str(knob("monitor"))
-        patience, cooldown = keras_plateau_translation(int(knob("patience")), int(knob("cooldown")))
-        scheduler = lr_scheduler.ReduceLROnPlateau(
-            optimizer,
-            mode="max" if monitor == "val_acc" else "min",
-            factor=float(knob("factor")),
-            patience=patience,
-            threshold=float(knob("min_delta")),
-            threshold_mode="abs",  # Keras' min_delta is an absolute change
-            cooldown=cooldown,
-            min_lr=float(knob("min_lr")),
-            eps=0.0,  # Keras reduces whenever lr > min_lr; torch's default skips < 1e-8
-        )
-        return LRSchedule(cfg.name, scheduler, optimizer, monitor=monitor)
-
-    else:
-        allowed = ", ".join(SCHEDULE_KNOBS)
-        raise ConfigError(f"schedule.name: {cfg.name!r} is not one of {allowed}")
-
-    return LRSchedule(cfg.name, lr_scheduler.LambdaLR(optimizer, factor), optimizer)
+    builder = _BUILDERS.get(cfg.name)
+    if builder is None:
+        raise ConfigError(f"schedule.name: {cfg.name!r} is not one of {', '.join(SCHEDULE_NAMES)}")
+    return builder(optimizer, cfg, epochs)

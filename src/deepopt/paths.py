@@ -1,6 +1,6 @@
 """Where each stage reads and writes, relative to the repository root.
 
-dvc.yaml names the same paths (DVC needs them literally); ``tests/test_dvc_yaml.py``
+dvc.yaml names the same paths (DVC needs them literally); ``tests/system/test_dvc_yaml.py``
 checks the two agree, so a path is changed here and in dvc.yaml together.
 """
 
@@ -9,8 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
+    "BASE_EXPERIMENT",
+    "BEST_EXPERIMENT",
+    "BEST_PARAMS",
     "PARAMS_FILE",
     "PREPARED_DIR",
+    "REPORT_DIR",
+    "REPORT_FILE",
+    "REPORT_PLOTS",
     "TRANSFER_DIR",
     "checkpoint_dir",
     "eval_metrics_path",
@@ -30,7 +36,18 @@ __all__ = [
 ]
 
 PARAMS_FILE = Path("params.yaml")
+BASE_EXPERIMENT = "base"  # the run config without any experiment applied (no experiments)
+BEST_EXPERIMENT = "train_best"  # the study's best params, trained by dvc.yaml's train_best
+BEST_PARAMS = Path("params/best.yaml")  # written by tune: the best trial's overrides
 PREPARED_DIR = Path("data/prepared")
+REPORT_DIR = Path("reports")  # the report stage's one out: lecture.md and its plots
+REPORT_FILE = "lecture.md"
+REPORT_PLOTS = {  # figure key -> file in REPORT_DIR
+    "val_loss": "val_loss.png",
+    "lr": "lr.png",
+    "grad_norms": "grad_norms.png",
+    "deep_grad_norms": "deep_grad_norms.png",
+}
 # The transfer pipeline (transfer/dvc.yaml) keeps all its outputs here, apart from the
 # main pipeline's metrics/ and plots/, which the report stage depends on as folders.
 TRANSFER_DIR = Path("transfer")

@@ -1,0 +1,85 @@
+"""The one typed, validated configuration, loaded once from ``params.yaml``: the schema by
+section (run, tune, transfer) is the single source of defaults; problems are one-line errors."""
+
+from __future__ import annotations
+
+from deepopt.config.loading import load_overrides, load_params, parse_params, resolve_run
+from deepopt.config.params import (
+    Params,
+    apply_overrides,
+    config_hash,
+    resolve_experiment,
+    resolve_transfer,
+)
+from deepopt.config.run import (
+    DATASET_NAMES,
+    MODEL_NAMES,
+    OPTIMIZER_KNOBS,
+    OPTIMIZER_NAMES,
+    SCHEDULE_KNOBS,
+    SCHEDULE_NAMES,
+    TORCHVISION_PREFIX,
+    DataConfig,
+    EarlyStopConfig,
+    MatrixConfig,
+    MlflowConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+    TrainConfig,
+    resnet_blocks,
+    torchvision_weights_name,
+)
+from deepopt.config.transfer import TRANSFER_MODES, TransferConfig, TransferTask
+from deepopt.config.tune import (
+    STORAGE_SCHEMES,
+    SearchRange,
+    StorageUrl,
+    TuneConfig,
+    TuneSpace,
+    check_storage_url,
+    integer_field,
+    searchable_knobs,
+)
+
+__all__ = [
+    "DATASET_NAMES",
+    "MODEL_NAMES",
+    "OPTIMIZER_KNOBS",
+    "OPTIMIZER_NAMES",
+    "SCHEDULE_KNOBS",
+    "SCHEDULE_NAMES",
+    "STORAGE_SCHEMES",
+    "TORCHVISION_PREFIX",
+    "TRANSFER_MODES",
+    "DataConfig",
+    "EarlyStopConfig",
+    "MatrixConfig",
+    "MlflowConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "Params",
+    "RunConfig",
+    "ScheduleConfig",
+    "SearchRange",
+    "StorageUrl",
+    "TrainConfig",
+    "TransferConfig",
+    "TransferTask",
+    "TuneConfig",
+    "TuneSpace",
+    "apply_overrides",
+    "check_storage_url",
+    "config_hash",
+    "integer_field",
+    "load_overrides",
+    "load_params",
+    "parse_params",
+    "resnet_blocks",
+    "resolve_experiment",
+    "resolve_run",
+    "resolve_transfer",
+    "searchable_knobs",
+    "torchvision_weights_name",
+]

@@ -1,0 +1,339 @@
+"""The run config's schema by section (data, model, optim, schedule, ...) and ``RunConfig``:
+the single source of defaults, every optimizer's and schedule's knobs included."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+__all__ = [
+    "DATASET_NAMES",
+    "MODEL_NAMES",
+    "OPTIMIZER_KNOBS",
+    "OPTIMIZER_NAMES",
+    "RUN_SECTIONS",
+    "SCHEDULE_KNOBS",
+    "SCHEDULE_NAMES",
+    "TORCHVISION_PREFIX",
+    "DataConfig",
+    "DatasetName",
+    "EarlyStopConfig",
+    "MatrixConfig",
+    "MlflowConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "OptimizerName",
+    "RunConfig",
+    "ScheduleConfig",
+    "Strict",
+    "TrainConfig",
+    "check_cosine_warmup",
+    "resnet_blocks",
+    "torchvision_weights_name",
+]
+
+DatasetName = Literal["mnist", "fashion-mnist", "kmnist", "cifar10"]
+Activation = Literal["relu", "sigmoid", "tanh"]
+OptimizerName = Literal["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw"]
+ScheduleName = Literal["constant", "linear", "inverse_time", "plateau", "step", "cosine"]
+MonitorName = Literal["val_loss", "val_acc"]
+
+DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
+MODEL_NAMES = ("lecture_cnn", "mlp", "resnet")  # and torchvision:<name>
+TORCHVISION_PREFIX = "torchvision:"
+OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimizerName)
+SCHEDULE_NAMES: tuple[str, ...] = get_args(ScheduleName)
+
+
+class Strict(BaseModel):
+    """Frozen, and refuses unknown keys: the base of every config section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Strict):
+    name: DatasetName = "fashion-mnist"
+    # Folder holding <name>/ with the four IDX files (.gz or not); relative to the repo.
+    root: str = "data/raw"
+    # Seeded, stratified subset of the 60,000 training images; null = all of them.
+    train_subset: int | None = Field(6000, ge=20)
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+
+
+def resnet_blocks(depth: int) -> int:
+    """Residual blocks per stage of a ``depth``-layer ResNet: depth = 6 n + 2 (He et al.)."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"{depth} is not 6n+2 as resnet needs: 8, 14, 20, 26, 32 and so on")
+    return (depth - 2) // 6
+
+
+def torchvision_weights_name(weights: str) -> bool:
+    """True when ``weights`` names torchvision weights (DEFAULT, IMAGENET1K_V1: upper-case
+    identifiers, downloaded through torch.hub) rather than a path to a local file."""
+    return weights.isidentifier() and weights.isupper()
+
+
+def _check_torchvision_arch(arch: str) -> None:
+    """Refuse names that are not torchvision classification models (imports torchvision:
+    only configs that name such a model pay for it)."""
+    import torchvision.models  # lazy: config import stays light
+
+    known = torchvision.models.list_models(module=torchvision.models)
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=1)
+        hint = f" (did you mean '{TORCHVISION_PREFIX}{close[0]}'?)" if close else ""
+        raise ValueError(
+            f"'{TORCHVISION_PREFIX}{arch}' is not a torchvision classification model{hint}; "
+            "see torchvision.models.list_models(module=torchvision.models)"
+        )
+
+
+class ModelConfig(Strict):
+    # lecture_cnn | mlp | resnet | torchvision:<name> (any torchvision classification model)
+    name: str = "lecture_cnn"
+    batchnorm: bool = True
+    activation: Activation = "relu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # after each hidden block
+    # keras: Glorot-uniform weights and zero biases, the defaults of the lecture's Keras
+    # layers; torch: PyTorch's defaults (Kaiming-uniform with a=sqrt(5)).
+    init: Literal["keras", "torch"] = "keras"
+    # lecture_cnn: channels of the three 5x5 convolutions and units of the hidden dense layer.
+    conv_channels: tuple[int, int, int] = (10, 40, 80)
+    dense_units: int = Field(50, ge=1)
+    # mlp: number of hidden layers and their width; resnet: weight layers, 6n+2 (8, 14, 20).
+    depth: int = Field(8, ge=1)
+    width: int = Field(128, ge=1)
+    # resnet: channels of the first stage (x2, x4 in the next two), and whether its blocks
+    # have the identity shortcut (false: the same layers as a plain stack).
+    base_channels: int = Field(16, ge=1)
+    skip: bool = True
+    # Start from these weights instead of random ones: a local state-dict file (loaded with
+    # weights_only=True), or for torchvision:<name> one of its torchvision weights
+    # (DEFAULT, IMAGENET1K_V1, ...: a torch.hub download, cached). null = random init.
+    weights: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if value in MODEL_NAMES:
+            return value
+        if value.startswith(TORCHVISION_PREFIX) and value != TORCHVISION_PREFIX:
+            _check_torchvision_arch(value.removeprefix(TORCHVISION_PREFIX))
+            return value
+        close = difflib.get_close_matches(value, MODEL_NAMES, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(
+            f"allowed: {', '.join(MODEL_NAMES)}, {TORCHVISION_PREFIX}<name> (got {value!r}){hint}"
+        )
+
+    @field_validator("depth")
+    @classmethod
+    def _depth(cls, value: int, info: ValidationInfo) -> int:
+        if info.data.get("name") == "resnet":
+            resnet_blocks(value)
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: str | None, info: ValidationInfo) -> str | None:
+        name = info.data.get("name")
+        if value is None or name is None:  # no weights, or the name already failed
+            return value
+        if not value.strip():
+            raise ValueError("empty; use null for random weights or give a file path")
+        if torchvision_weights_name(value) and not name.startswith(TORCHVISION_PREFIX):
+            raise ValueError(
+                f"{value!r} names torchvision weights, which only {TORCHVISION_PREFIX}<name> "
+                f"models have; {name} takes a path to a state-dict file"
+            )
+        return value
+
+
+# Optimizer and schedule knobs are optional fields: a knob that does not apply to the
+# chosen optimizer/schedule is an error, and the knobs that do apply get their defaults
+# from these tables when the config is validated, so the resolved config shows every value
+# used and deepopt.optim reads them as they are.
+
+# Knobs each optimizer takes beyond lr and weight_decay, with their defaults (torch's,
+# except momentum, whose default is the lecture's 0.9).
+OPTIMIZER_KNOBS: dict[str, dict[str, Any]] = {
+    "sgd": {},
+    "momentum": {"momentum": 0.9},
+    "nesterov": {"momentum": 0.9},
+    "adagrad": {"eps": 1e-10},
+    "rmsprop": {"rho": 0.99, "eps": 1e-8, "momentum": 0.0},
+    "adam": {"betas": (0.9, 0.999), "eps": 1e-8},
+    "adamw": {"betas": (0.9, 0.999), "eps": 1e-8},
+}
+
+
+def _check_knobs(
+    section: str, chosen: str, values: dict[str, Any], table: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """Refuse knobs the chosen variant lacks; fill in defaults of the ones it takes."""
+    knobs = table.get(chosen)
+    if knobs is None:  # an unknown name: let the Literal field report it
+        return values
+    all_knobs = {k for variant in table.values() for k in variant}
+    for key, value in values.items():
+        if key in all_knobs and key not in knobs and value is not None:
+            allowed = ", ".join(sorted(knobs)) or "none"
+            raise ValueError(
+                f"{section}.{key}: does not apply to {section}.name '{chosen}' "
+                f"(its knobs: {allowed}); remove it or set it to null"
+            )
+    filled = dict(values)
+    for key, default in knobs.items():
+        if filled.get(key) is None:
+            filled[key] = default
+    return filled
+
+
+class OptimConfig(Strict):
+    name: OptimizerName = "nesterov"
+    lr: float = Field(0.02, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)  # L2 penalty, as torch.optim applies it
+    momentum: float | None = Field(None, ge=0.0, lt=1.0)
+    betas: tuple[float, float] | None = None  # adam/adamw: the lecture's rho1, rho2
+    eps: float | None = Field(None, gt=0.0)  # the lecture's delta
+    rho: float | None = Field(None, gt=0.0, lt=1.0)  # rmsprop decay (torch's alpha)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _knobs(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        return _check_knobs("optim", values.get("name", "nesterov"), values, OPTIMIZER_KNOBS)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> OptimConfig:
+        if self.betas is not None and not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas: {list(self.betas)} must both be in [0, 1)")
+        return self
+
+
+# Knobs of each schedule, with their defaults. None means "derived when built" by the
+# schedule's builder in deepopt.optim: linear's horizon is then train.epochs. (Not here:
+# the resolved config is what MLflow logs and config_hash keys, and they log null.)
+SCHEDULE_KNOBS: dict[str, dict[str, Any]] = {
+    "constant": {},
+    "linear": {"final_lr": 1e-4, "horizon": None},  # the lecture's sc: 0.02 -> 0.0001
+    "inverse_time": {"decay": 1e-5},  # per batch, as Keras' decay
+    "plateau": {
+        "monitor": "val_loss",
+        "factor": 0.1,
+        "patience": 5,
+        "min_delta": 1e-4,
+        "cooldown": 0,
+        "min_lr": 0.0,
+    },
+    "step": {"step_size": 10, "gamma": 0.1},
+    # min_lr None: 1 % of optim.lr, derived when built (a floor of 0 would train the last
+    # epoch at lr 0). warmup_epochs must be less than train.epochs (RunConfig checks).
+    "cosine": {"warmup_epochs": 0, "min_lr": None},
+}
+
+
+class ScheduleConfig(Strict):
+    name: ScheduleName = "constant"
+    final_lr: float | None = Field(None, gt=0.0)  # linear: eta_T
+    horizon: int | None = Field(None, ge=1)  # linear: T in epochs (null = train.epochs)
+    decay: float | None = Field(None, gt=0.0, lt=1.0)  # inverse_time: delta per batch
+    monitor: MonitorName | None = None  # plateau
+    factor: float | None = Field(None, gt=0.0, lt=1.0)  # plateau
+    patience: int | None = Field(None, ge=0)  # plateau, epochs
+    min_delta: float | None = Field(None, ge=0.0)  # plateau, absolute as in Keras
+    cooldown: int | None = Field(None, ge=0)  # plateau, epochs
+    min_lr: float | None = Field(None, ge=0.0)  # plateau and cosine floor
+    step_size: int | None = Field(None, ge=1)  # step, epochs
+    gamma: float | None = Field(None, gt=0.0, le=1.0)  # step
+    warmup_epochs: int | None = Field(None, ge=0)  # cosine: linear warmup from ~0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _knobs(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        return _check_knobs("schedule", values.get("name", "constant"), values, SCHEDULE_KNOBS)
+
+    @model_validator(mode="after")
+    def _positive_cosine_floor(self) -> ScheduleConfig:
+        if self.name == "cosine" and self.min_lr == 0.0:
+            raise ValueError(
+                "schedule.min_lr: 0 would train cosine's last epoch at lr 0; give a positive "
+                "floor, or null for 1 % of optim.lr"
+            )
+        return self
+
+
+def check_cosine_warmup(warmup_epochs: int, epochs: int) -> None:
+    """ValueError unless cosine keeps at least one epoch after its ``warmup_epochs``."""
+    if warmup_epochs >= epochs:
+        raise ValueError(
+            f"schedule.warmup_epochs: {warmup_epochs} must be less than train.epochs "
+            f"({epochs}) so the cosine phase has at least one epoch"
+        )
+
+
+class EarlyStopConfig(Strict):
+    enabled: bool = True
+    monitor: MonitorName = "val_loss"
+    min_delta: float = Field(1e-4, ge=0.0)  # absolute, as Keras
+    patience: int = Field(5, ge=0)  # epochs without improvement before stopping
+    mode: Literal["auto", "min", "max"] = "auto"  # auto: min for val_loss, max for val_acc
+    restore_best: bool = False  # the lecture keeps the last weights
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(50, ge=1)
+    eval_batch_size: int = Field(1000, ge=1)
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads; null = all cores
+    # bf16: CPU autocast to bfloat16 (AMX/AVX512-BF16 kernels): ~1.7x faster epochs here,
+    # test accuracy as fp32's (benchmarks/bench_train.py); needs a CPU with bf16 support.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    ensemble: int = Field(1, ge=1)  # members trained with seeds seed, seed+1, ...
+    # Opt-in diagnostics from the lecture: per-layer gradient norms (vanishing gradients)
+    # and the fraction of zero ReLU outputs per layer (sparsity).
+    diagnostics: bool = False
+    checkpoint_dir: str = "checkpoints"  # outside every DVC out, so repro never deletes it
+    # train+val: the final fit of a tuned config also learns from the validation split
+    # (its val_* metrics are then not held out; the test split still is).
+    fit_on: Literal["train", "train+val"] = "train"
+    # Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm) instead of
+    # each process's shard. batch_size is per process; the global batch is N x batch_size.
+    sync_batchnorm: bool = False
+
+
+class MlflowConfig(Strict):
+    experiment: str = Field("deepopt", min_length=1)
+    log_model: bool = True  # mlflow.pytorch.log_model at the end of each run
+
+
+class MatrixConfig(Strict):
+    seeds: int = Field(1, ge=1)  # every experiment repeated over seed, seed+1, ...
+
+
+class RunConfig(Strict):
+    """Everything one training run reads: the base config with an experiment applied."""
+
+    seed: int = Field(4487, ge=0)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    early_stop: EarlyStopConfig = EarlyStopConfig()
+    train: TrainConfig = TrainConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+    @model_validator(mode="after")
+    def _cosine_phase(self) -> RunConfig:
+        warmup = self.schedule.warmup_epochs  # filled in for cosine, None for the others
+        if self.schedule.name == "cosine" and warmup is not None:
+            check_cosine_warmup(warmup, self.train.epochs)
+        return self
+
+
+RUN_SECTIONS = tuple(RunConfig.model_fields)

@@ -1,0 +1,96 @@
+"""The data layer: raw IDX and CIFAR-10 files in, prepared uint8 tensors out, and back
+into training; every name is re-exported here, so ``from deepopt.data import X`` works."""
+
+from __future__ import annotations
+
+from deepopt.data.catalogue import (
+    CIFAR_ARCHIVE,
+    CIFAR_FILES,
+    CIFAR_MD5,
+    CIFAR_URL,
+    DATASETS,
+    IMAGE_SIZE,
+    IMAGES_MAGIC,
+    LABELS_MAGIC,
+    NUM_CLASSES,
+    RAW_FILES,
+    SPLITS,
+    DatasetInfo,
+    RawData,
+    RawSource,
+)
+from deepopt.data.cifar import extract_cifar_archive, read_cifar_bin
+from deepopt.data.idx import check_pair, read_idx
+from deepopt.data.prepared import (
+    Preparation,
+    PreparedData,
+    build_meta,
+    check_meta_matches,
+    file_sha256,
+    load_prepared,
+    load_split,
+    prepare,
+    split_bytes,
+    write_prepared,
+)
+from deepopt.data.sources import (
+    DEBIAN_FASHION_MNIST,
+    DOWNLOAD_TIMEOUT_S,
+    find_cifar_files,
+    find_idx_files,
+    locate_raw,
+    read_raw,
+)
+from deepopt.data.split import (
+    Split,
+    class_counts,
+    image_shape,
+    normalize,
+    pixel_stats,
+    split_raw,
+    stratified_split,
+)
+
+__all__ = [
+    "CIFAR_ARCHIVE",
+    "CIFAR_FILES",
+    "CIFAR_MD5",
+    "CIFAR_URL",
+    "DATASETS",
+    "DEBIAN_FASHION_MNIST",
+    "DOWNLOAD_TIMEOUT_S",
+    "IMAGES_MAGIC",
+    "IMAGE_SIZE",
+    "LABELS_MAGIC",
+    "NUM_CLASSES",
+    "RAW_FILES",
+    "SPLITS",
+    "DatasetInfo",
+    "Preparation",
+    "PreparedData",
+    "RawData",
+    "RawSource",
+    "Split",
+    "build_meta",
+    "check_meta_matches",
+    "check_pair",
+    "class_counts",
+    "extract_cifar_archive",
+    "file_sha256",
+    "find_cifar_files",
+    "find_idx_files",
+    "image_shape",
+    "load_prepared",
+    "load_split",
+    "locate_raw",
+    "normalize",
+    "pixel_stats",
+    "prepare",
+    "read_cifar_bin",
+    "read_idx",
+    "read_raw",
+    "split_bytes",
+    "split_raw",
+    "stratified_split",
+    "write_prepared",
+]

@@ -1,0 +1,1 @@
+"""The pipeline stages: each module a short ``main()`` that ``deepopt.cli`` dispatches to."""

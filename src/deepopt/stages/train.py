@@ -1,0 +1,81 @@
+"""The ``train`` stage: train an experiment's members (``matrix.seeds`` replicas of
+``train.ensemble`` each, one MLflow run apiece) and write model.pt, run.json and metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deepopt import paths, tracking
+from deepopt.config import Params, resolve_run
+from deepopt.data import load_prepared
+from deepopt.files import check_writable, write_json, write_text, write_torch
+from deepopt.training import distributed
+from deepopt.training.member import follow_member, members_of, normalized_splits, train_tracked
+from deepopt.training.outputs import history_csv, model_file, run_info, train_summary
+
+__all__ = ["main"]
+
+
+def main(
+    params: Params,
+    experiment: str | None = None,
+    overrides: Path | None = None,
+    **_: object,
+) -> dict[str, Any]:
+    name = experiment or (Path(overrides).stem if overrides else paths.BASE_EXPERIMENT)
+    config = resolve_run(params, experiment, overrides)
+    # Under torchrun: one of WORLD_SIZE processes; only rank 0 writes and records.
+    parallel = distributed.join_from_env(config.train.sync_batchnorm)
+    checkpoints = paths.checkpoint_dir(config.train.checkpoint_dir, name)
+    if parallel is None or parallel.is_main:
+        outputs = (paths.model_path(name), paths.run_info_path(name), paths.history_path(name))
+        check_writable(*outputs, paths.train_metrics_path(name), checkpoints / "member.pt")
+    data = load_prepared(config.data, config.seed)
+    torch.set_num_threads(config.train.threads or distributed.default_threads())
+    tensors = normalized_splits(data, config.train.fit_on)
+    members = members_of(config, params.matrix.seeds)
+    if parallel is not None and not parallel.is_main:
+        for member in members:
+            follow_member(config, tensors, data_meta=data.meta, member=member, parallel=parallel)
+        return {"experiment": name, "rank": parallel.rank}
+    tracking.configure()
+    experiment_id = tracking.ensure_experiment(config.mlflow.experiment)
+    tags = {
+        **tracking.run_tags(dataset=config.data.name, meta=data.meta),
+        "experiment": name,
+        "fit_on": config.train.fit_on,
+    }
+    if params.experiments:
+        tags["matrix"] = config.mlflow.experiment
+    if parallel is not None:
+        tags["world_size"] = str(parallel.world_size)  # global batch: world_size x batch_size
+    results = [
+        train_tracked(
+            config,
+            tensors,
+            data_meta=data.meta,
+            experiment_id=experiment_id,
+            run_name=name,
+            member=member,
+            checkpoint_dir=checkpoints,
+            tags=tags,
+            parallel=parallel,
+        )
+        for member in members
+    ]
+    model_config = config.model.model_dump(mode="json")
+    image_shape = tensors["train"][0].shape[1:]
+    content = model_file(name, model_config, image_shape, data.num_classes, results)
+    write_torch(paths.model_path(name), content)
+    write_json(paths.run_info_path(name), run_info(name, experiment_id, results))
+    summary = train_summary(results)
+    write_json(paths.train_metrics_path(name), summary)
+    write_text(paths.history_path(name), history_csv(results[0].fit.history))
+    return {
+        "experiment": name,
+        "model": str(paths.model_path(name)),
+        **{k: v for k, v in summary.items() if k != "runs"},
+    }

@@ -1,0 +1,58 @@
+"""deepopt's only MLflow code: the store (``store``), runs by explicit id (``runs``), what a
+run records (``log``) and its provenance tags (``provenance``); stages call it, training never."""
+
+from __future__ import annotations
+
+from deepopt.tracking.log import (
+    flatten_params,
+    log_artifact,
+    log_dataset,
+    log_dict,
+    log_epoch,
+    log_figure,
+    log_metrics,
+    log_model,
+    log_params,
+    logged_epochs,
+    set_tags,
+)
+from deepopt.tracking.provenance import git_state, run_tags
+from deepopt.tracking.runs import (
+    EndStatus,
+    end_run,
+    ending_run,
+    ensure_experiment,
+    find_runs,
+    run_exists,
+    run_status,
+    start_run,
+    tracked_run,
+)
+from deepopt.tracking.store import PROBE_TIMEOUT_S, configure
+
+__all__ = [
+    "PROBE_TIMEOUT_S",
+    "EndStatus",
+    "configure",
+    "end_run",
+    "ending_run",
+    "ensure_experiment",
+    "find_runs",
+    "flatten_params",
+    "git_state",
+    "log_artifact",
+    "log_dataset",
+    "log_dict",
+    "log_epoch",
+    "log_figure",
+    "log_metrics",
+    "log_model",
+    "log_params",
+    "logged_epochs",
+    "run_exists",
+    "run_status",
+    "run_tags",
+    "set_tags",
+    "start_run",
+    "tracked_run",
+]

@@ -1,0 +1,85 @@
+"""What makes a run reproducible, as MLflow tags and pins: the code's git state, the data's
+digest, the seed, and the versions of deepopt and torch."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import deepopt
+
+__all__ = ["git_state", "pip_requirements", "run_tags"]
+
+
+def run_tags(
+    *,
+    dataset: str,
+    meta: Mapping[str, Any] | None = None,
+    seed: int | None = None,
+    cwd: Path | None = None,
+) -> dict[str, str]:
+    """What makes a run reproducible: code version, data identity, seed, library versions.
+
+    The git commit is also set as ``mlflow.source.git.commit``, which ``mlflow ui`` shows.
+    ``meta`` is the prepared data's meta.json; its ``digest`` (else a hash of it) is
+    ``data_digest``. Git runs in ``cwd`` (default: the current folder), which inside a
+    ``dvc exp run --temp`` copy is that copy, with the experiment's changes.
+    """
+    commit, dirty = git_state(cwd or Path.cwd())
+    tags = {
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "dataset": dataset,
+        **_library_versions(),
+    }
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    if meta is not None:
+        digest = meta.get("digest")
+        if not isinstance(digest, str):
+            blob = json.dumps(meta, sort_keys=True, default=str).encode()
+            digest = hashlib.sha256(blob).hexdigest()
+        tags["data_digest"] = digest
+    if seed is not None:
+        tags["seed"] = str(seed)
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp"] = os.environ["DVC_EXP_NAME"]
+    return tags
+
+
+def _library_versions() -> dict[str, str]:
+    """The versions a run's numbers depend on, as tags (torch's with its build tag)."""
+    import torch
+
+    return {"torch_version": torch.__version__, "deepopt_version": deepopt.__version__}
+
+
+def git_state(cwd: Path) -> tuple[str, str]:
+    """(commit, "true"/"false" for uncommitted changes to tracked files) of the checkout at
+    ``cwd``; ("unknown", "unknown") without git (the benchmark records the same)."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        )
+        return done.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", "unknown"
+    return commit, "true" if dirty else "false"
+
+
+def pip_requirements() -> list[str]:
+    """A logged model's explicit pins, so MLflow does not infer them by loading the model in a
+    subprocess (6.4 s against 1.2 s measured). The public version: ``torch.__version__``
+    carries a local build tag (+cu130) no index serves. MLflow adds its own pin."""
+    return [f"torch=={importlib.metadata.version('torch')}"]

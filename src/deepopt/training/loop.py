@@ -1,0 +1,318 @@
+"""The training loop: preloaded tensors, seeded batching, a state to resume from.
+
+Nothing here does I/O or tracking. The caller passes ``on_epoch_end`` (checkpointing,
+MLflow, progress, Optuna pruning) and gets a ``FitResult`` back. A run can start from a
+``LoopState`` taken from a checkpoint and then continues exactly as if never stopped: the
+shuffling generator, the global torch RNG (dropout), the optimizer, the schedule and the
+early-stopping counters are all part of the state (the resume contract).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+
+from deepopt import interrupts
+from deepopt.config import EarlyStopConfig
+from deepopt.metrics import loss_and_accuracy_of_logits
+from deepopt.optim import LRSchedule
+from deepopt.training.diagnostics import EpochDiagnostics
+from deepopt.training.early_stopping import EarlyStopping
+from deepopt.training.memory import keep_freed_memory
+
+__all__ = [
+    "DataParallel",
+    "FitResult",
+    "LoopState",
+    "StopReason",
+    "autocast",
+    "evaluate_logits",
+    "fit",
+    "steps_per_epoch",
+]
+
+StopReason = Literal["early_stop", "max_epochs", "diverged", "interrupted"]
+
+
+@dataclass
+class LoopState:
+    """Everything needed to continue a run after the epoch ``epochs_done``."""
+
+    epochs_done: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    model: dict[str, Any] | None = None
+    optimizer: dict[str, Any] | None = None
+    schedule: dict[str, Any] | None = None
+    early_stopping: dict[str, Any] | None = None
+    best_model: dict[str, Any] | None = None  # only with restore_best
+    shuffle_rng: torch.Tensor | None = None
+    torch_rng: torch.Tensor | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoopState:
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
+
+
+@dataclass(frozen=True)
+class FitResult:
+    history: list[dict[str, float]]
+    epochs_run: int
+    stop_reason: StopReason
+    best_epoch: int  # epoch (0-based) with the best monitored value, -1 if none
+    train_seconds: float  # wall time of the epochs run in this process
+
+
+class DataParallel(Protocol):
+    """What ``fit`` needs of a data-parallel process group (deepopt.training.distributed): each
+    process trains on its shard of every global batch of ``world_size * batch_size``."""
+
+    @property
+    def world_size(self) -> int: ...
+
+    def wrap(self, model: nn.Module) -> nn.Module: ...
+
+    def shard(self, index: torch.Tensor) -> tuple[torch.Tensor, float] | None: ...
+
+    def all_reduce_sum(self, *tensors: torch.Tensor) -> None: ...
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        precision: str,
+    ) -> tuple[float, float]: ...
+
+
+def steps_per_epoch(samples: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps in an epoch: global batches of ``world_size * batch_size``; a last
+    batch with fewer samples than processes is skipped (see ``DataParallel.shard``)."""
+    full, rest = divmod(samples, batch_size * world_size)
+    return full + (1 if rest >= world_size else 0)
+
+
+def autocast(precision: str) -> Any:
+    """The autocast context of ``precision`` (bf16: CPU autocast); fp32 runs as it is."""
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.inference_mode()
+def evaluate_logits(
+    model: nn.Module, images: torch.Tensor, batch_size: int, precision: str = "fp32"
+) -> torch.Tensor:
+    """Logits for all ``images`` [N,C,H,W] in eval mode, in large batches: [N, classes]."""
+    model.eval()
+    with autocast(precision):
+        chunks = [
+            model(images[i : i + batch_size]).float() for i in range(0, len(images), batch_size)
+        ]
+    return torch.cat(chunks)
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: LRSchedule,
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    *,
+    epochs: int,
+    batch_size: int,
+    early_stop: EarlyStopConfig,
+    seed: int,
+    eval_batch_size: int = 1000,
+    precision: str = "fp32",
+    diagnostics: bool = False,
+    start: LoopState | None = None,
+    on_epoch_end: Callable[[LoopState], None] | None = None,
+    parallel: DataParallel | None = None,
+) -> FitResult:
+    """Train ``model`` on normalized ``train`` = (images [N,C,H,W] float, labels [N] int64).
+
+    Every epoch appends a record (loss, acc, val_loss, val_acc, lr, seconds, and with
+    ``diagnostics`` grad_norm/<layer> and zero_fraction/<layer>) to the history, then calls
+    ``on_epoch_end`` with the state to continue from. Exceptions from the callback
+    (KeyboardInterrupt, Optuna's TrialPruned) propagate: the state they saw is consistent.
+
+    With ``parallel`` (one process of a torchrun job), ``batch_size`` is per process, the
+    gradients are averaged by DistributedDataParallel and every record holds the metrics
+    of all processes together; ``model`` and the state stay unwrapped.
+    """
+    keep_freed_memory()
+    images, labels = train
+    val_images, val_labels = val
+    stopper = EarlyStopping(early_stop)
+    shuffle = torch.Generator().manual_seed(seed)
+    state = start or LoopState()
+    if start is None:
+        torch.manual_seed(seed)  # dropout masks; model init is seeded by the caller
+    else:
+        _restore(model, optimizer, schedule, stopper, shuffle, state)
+    history = list(state.history)
+    best_model = state.best_model
+    forward = model if parallel is None else parallel.wrap(model)  # what trains
+    started = time.perf_counter()
+    stop_reason: StopReason = "max_epochs"
+
+    for epoch in range(state.epochs_done, epochs):
+        if stopper.should_stop:
+            stop_reason = "early_stop"
+            break
+        tic = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        record, finite = _train_one_epoch(
+            model,
+            optimizer,
+            schedule,
+            images,
+            labels,
+            shuffle,
+            batch_size,
+            precision,
+            diagnostics,
+            forward=forward,
+            parallel=parallel,
+        )
+        if not finite:
+            stop_reason = "diverged"
+            break
+        if parallel is None:
+            logits = evaluate_logits(model, val_images, eval_batch_size, precision)
+            record["val_loss"], record["val_acc"] = loss_and_accuracy_of_logits(logits, val_labels)
+        else:
+            record["val_loss"], record["val_acc"] = parallel.evaluate(
+                model, val_images, val_labels, eval_batch_size, precision
+            )
+        record.update(lr=lr, seconds=time.perf_counter() - tic)
+        if not math.isfinite(record["val_loss"]):
+            history.append({"epoch": float(epoch), **record})
+            stop_reason = "diverged"
+            break
+        history.append({"epoch": float(epoch), **record})
+        if stopper.update(epoch, record) and early_stop.restore_best:
+            best_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        schedule.after_epoch(record)
+        state = LoopState(
+            epochs_done=epoch + 1,
+            history=history,
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            schedule=schedule.state_dict(),
+            early_stopping=stopper.state_dict(),
+            best_model=best_model,
+            shuffle_rng=shuffle.get_state(),
+            torch_rng=torch.get_rng_state(),
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(state)
+    else:
+        if stopper.should_stop and len(history) > 0:
+            stop_reason = "early_stop"
+
+    if early_stop.restore_best and best_model is not None and stop_reason != "diverged":
+        model.load_state_dict(best_model)
+    return FitResult(
+        history=history,
+        epochs_run=len(history),
+        stop_reason=stop_reason,
+        best_epoch=stopper.best_epoch,
+        train_seconds=time.perf_counter() - started,
+    )
+
+
+def _restore(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: LRSchedule,
+    stopper: EarlyStopping,
+    shuffle: torch.Generator,
+    state: LoopState,
+) -> None:
+    assert state.model is not None and state.optimizer is not None
+    model.load_state_dict(state.model)
+    optimizer.load_state_dict(state.optimizer)
+    if state.schedule is not None:
+        schedule.load_state_dict(state.schedule)
+    if state.early_stopping is not None:
+        stopper.load_state_dict(state.early_stopping)
+    if state.shuffle_rng is not None:
+        shuffle.set_state(state.shuffle_rng)
+    if state.torch_rng is not None:
+        torch.set_rng_state(state.torch_rng)
+
+
+def _train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: LRSchedule,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    shuffle: torch.Generator,
+    batch_size: int,
+    precision: str,
+    diagnostics: bool,
+    *,
+    forward: nn.Module,
+    parallel: DataParallel | None = None,
+) -> tuple[dict[str, float], bool]:
+    """One pass over a fresh permutation; returns the epoch's metrics and finiteness.
+
+    loss and acc are averages over the epoch's batches as the weights move (as Keras
+    reports them), accumulated as tensors so the hot loop never syncs on .item().
+    ``forward`` is the module that trains: ``model`` itself or its DDP wrapper.
+    """
+    forward.train()
+    count = len(images)
+    step = batch_size * (parallel.world_size if parallel is not None else 1)  # global batch
+    seen = 0  # samples this process trained on
+    order = torch.randperm(count, generator=shuffle)
+    loss_sum = torch.zeros(())
+    correct = torch.zeros((), dtype=torch.long)
+    measured = EpochDiagnostics(model) if diagnostics else None
+    batches = 0
+    with measured.watching_activations() if measured is not None else nullcontext():
+        for begin in range(0, count, step):
+            interrupts.raise_if_swallowed()  # one Python dropped inside a finalizer
+            index = order[begin : begin + step]
+            loss_weight = 1.0
+            if parallel is not None:
+                shard = parallel.shard(index)
+                if shard is None:
+                    break
+                index, loss_weight = shard
+            batch_images, batch_labels = images[index], labels[index]
+            with autocast(precision):
+                logits = forward(batch_images)  # [B, classes]
+                loss = nn.functional.cross_entropy(logits.float(), batch_labels)
+            optimizer.zero_grad(set_to_none=True)
+            (loss if loss_weight == 1.0 else loss * loss_weight).backward()  # type: ignore[no-untyped-call]
+            if measured is not None:
+                measured.after_backward()
+            optimizer.step()
+            schedule.after_batch()
+            loss_sum += loss.detach() * len(index)
+            correct += (logits.detach().argmax(dim=1) == batch_labels).sum()
+            batches += 1
+            seen += len(index)
+    if parallel is not None:
+        totals = torch.tensor(seen)
+        parallel.all_reduce_sum(loss_sum, correct, totals)
+        seen = int(totals)
+    mean_loss = (loss_sum / seen).item()
+    record = {"loss": mean_loss, "acc": correct.item() / seen}
+    if measured is not None:
+        record.update(measured.record(batches))
+    return record, math.isfinite(mean_loss)

@@ -1,0 +1,342 @@
+"""One member of an experiment, trained and recorded: checkpoint every epoch, MLflow run.
+
+``train_tracked`` is the one code path that trains and records a network (the train,
+tune, pretrain and finetune stages all call it). A member's checkpoint and MLflow run are
+continued after a kill, so it ends with exactly the metrics of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deepopt import paths, tracking
+from deepopt.config import RunConfig
+from deepopt.data import PreparedData, normalize
+from deepopt.errors import DivergedError
+from deepopt.models import build_model, set_portable_layout, set_training_layout
+from deepopt.optim import build_optimizer, build_schedule
+from deepopt.training.checkpoint import checkpoint_file, load_checkpoint, save_checkpoint
+from deepopt.training.distributed import ProcessGroup
+from deepopt.training.early_stopping import EarlyStopping
+from deepopt.training.loop import FitResult, LoopState, fit, steps_per_epoch
+
+__all__ = [
+    "Member",
+    "MemberResult",
+    "fit_member",
+    "follow_member",
+    "members_of",
+    "normalized_splits",
+    "train_tracked",
+]
+
+
+@dataclass(frozen=True)
+class Member:
+    replica: int  # which of matrix.seeds repetitions
+    index: int  # which ensemble member within the replica
+    seed: int
+
+
+@dataclass(frozen=True)
+class MemberResult:
+    member: Member
+    run_id: str
+    fit: FitResult
+    model: nn.Module
+
+
+def members_of(config: RunConfig, replicas: int) -> list[Member]:
+    """Replica r, member k trains with seed + r * ensemble + k."""
+    size = config.train.ensemble
+    return [
+        Member(replica=r, index=k, seed=config.seed + r * size + k)
+        for r in range(replicas)
+        for k in range(size)
+    ]
+
+
+def normalized_splits(
+    data: PreparedData, fit_on: str = "train"
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The train and val splits as normalized float images and labels, once per stage
+    (one vectorized op per split).
+
+    With ``fit_on="train+val"`` the validation images are appended to "train"; "val" stays
+    for the per-epoch report, which is then no longer a held-out measurement. The images
+    stay NCHW: the network's own weights decide where activations turn channels_last
+    (``models.layout``, measured by benchmarks/bench_train.py as contender g).
+    """
+    tensors = {
+        name: (normalize(split.images, data.mean, data.std), split.labels)
+        for name, split in (("train", data.train), ("val", data.val))
+    }
+    if fit_on == "train+val":
+        (train_x, train_y), (val_x, val_y) = tensors["train"], tensors["val"]
+        tensors["train"] = (torch.cat([train_x, val_x]), torch.cat([train_y, val_y]))
+    return tensors
+
+
+def _progress(label: str, epochs: int) -> Callable[[LoopState], None]:
+    """One plain line per epoch on stderr (a log under CI and DVC alike)."""
+
+    def report(state: LoopState) -> None:
+        r = state.history[-1]
+        print(
+            f"[{label}] epoch {state.epochs_done}/{epochs} loss {r['loss']:.4f} acc {r['acc']:.4f} "
+            f"val_loss {r['val_loss']:.4f} val_acc {r['val_acc']:.4f} lr {r['lr']:.3g} "
+            f"{r['seconds']:.2f}s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return report
+
+
+def train_tracked(
+    config: RunConfig,
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    data_meta: dict[str, Any],
+    experiment_id: str,
+    run_name: str,
+    member: Member,
+    checkpoint_dir: Path,
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    on_epoch: Callable[[LoopState], None] | None = None,
+    parallel: ProcessGroup | None = None,
+    setup: Callable[[nn.Module], list[dict[str, Any]]] | None = None,
+) -> MemberResult:
+    """Train one member with checkpoints and MLflow; raise DivergedError on NaN loss.
+
+    A checkpoint of the same config, seed and data is continued (or, when finished,
+    reused); its MLflow run is continued too, and epochs the tracking store lost to a
+    kill are logged again. ``on_epoch`` runs after the checkpoint and the logging (tune's
+    pruning hook raises from it). With ``parallel`` this is rank 0 of a torchrun job; the
+    other processes run ``follow_member`` alongside. ``setup`` takes the freshly built network
+    (e.g. loads pretrained weights, freezes layers) and returns the optimizer's param groups.
+    """
+    world_size = parallel.world_size if parallel is not None else 1
+    path = checkpoint_file(checkpoint_dir, config, member.seed, data_meta["digest"], world_size)
+    saved = load_checkpoint(path)
+    previous_run = saved.get("run_id") if saved else None
+    if previous_run is not None and not tracking.run_exists(previous_run):
+        previous_run = None  # not in this store (deleted, another store): a new run
+    if saved is not None and saved.get("finished"):
+        if previous_run is not None:
+            _share_start(parallel, saved)
+            # Trained before with this config, seed and data: the same network again, and
+            # its MLflow run stays as it ended.
+            model = _new_model(config, tensors, data_meta)
+            model.load_state_dict(_kept_weights(saved["loop"], config))
+            result = _finished_result(saved["loop"], config)
+            return MemberResult(member=member, run_id=previous_run, fit=result, model=model)
+        saved = None  # its run is gone: train anew and record a complete run
+    _share_start(parallel, saved)
+    run_id = tracking.start_run(
+        experiment_id,
+        run_name,
+        run_id=previous_run,
+        parent_run_id=parent_run_id,
+        tags={
+            **(tags or {}),
+            "seed": str(member.seed),
+            "member": str(member.index),
+            "replica": str(member.replica),
+        },
+    )
+
+    latest: list[LoopState] = []  # the state after the last epoch trained here
+
+    def after_epoch(state: LoopState) -> None:
+        latest[:] = [state]
+        save_checkpoint(path, {"loop": state.to_dict(), "run_id": run_id, "finished": False})
+        record = state.history[-1]
+        tracking.log_epoch(
+            run_id, state.epochs_done - 1, {k: v for k, v in record.items() if k != "epoch"}
+        )
+        progress(state)
+        if on_epoch is not None:
+            on_epoch(state)
+
+    # From here on every way out ends the run (KILLED on Ctrl-C/SIGTERM): none stays RUNNING.
+    with tracking.ending_run(run_id):
+        tracking.log_params(run_id, {**config.model_dump(mode="json"), "seed": member.seed})
+        images, labels = tensors["train"]
+        tracking.log_dataset(
+            run_id,
+            f"{config.data.name}-train",
+            images.numpy(),
+            labels.numpy(),
+            source=str(paths.prepared_split_path("train")),
+            digest=data_meta["digest"][:36],
+        )
+        start = LoopState.from_dict(saved["loop"]) if saved else None
+        if start is not None:
+            _relog_missing_epochs(run_id, start.history)
+
+        progress = _progress(f"{run_name} seed {member.seed}", config.train.epochs)
+        model, result = fit_member(
+            config, tensors, data_meta, member.seed, start, after_epoch, parallel, setup
+        )
+        if result.stop_reason == "diverged":
+            reason = f"loss became NaN/inf in epoch {result.epochs_run + 1}"
+            tracking.set_tags(run_id, {"stop_reason": "diverged"})
+            tracking.end_run(run_id, "FAILED", reason=reason)
+            raise DivergedError(
+                f"{run_name} (seed {member.seed}) diverged: {reason}; try a lower optim.lr"
+            )
+        _log_run_end(run_id, config, model, result, tensors["val"][0][:5])
+        # The whole last state (optimizer and RNGs too): a tune retry can continue it.
+        final = latest[0] if latest else start
+        loop = final.to_dict() if final is not None else _final_state(result, model)
+        save_checkpoint(path, {"loop": loop, "run_id": run_id, "finished": True})
+    return MemberResult(member=member, run_id=run_id, fit=result, model=model)
+
+
+def fit_member(
+    config: RunConfig,
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    data_meta: dict[str, Any],
+    seed: int,
+    start: LoopState | None,
+    on_epoch_end: Callable[[LoopState], None] | None,
+    parallel: ProcessGroup | None,
+    setup: Callable[[nn.Module], list[dict[str, Any]]] | None = None,
+) -> tuple[nn.Module, FitResult]:
+    """Build the member's network, optimizer and schedule and train it (every process of
+    a torchrun job runs this with the same arguments, rank 0 with its callback)."""
+    torch.manual_seed(seed)  # weight init
+    model = _new_model(config, tensors, data_meta)
+    set_training_layout(model, config.train.precision)
+    optimizer = build_optimizer(
+        setup(model) if setup is not None else model.parameters(), config.optim
+    )
+    world_size = parallel.world_size if parallel is not None else 1
+    steps = steps_per_epoch(len(tensors["train"][0]), config.train.batch_size, world_size)
+    schedule = build_schedule(
+        optimizer, config.schedule, epochs=config.train.epochs, steps_per_epoch=steps
+    )
+    result = fit(
+        model,
+        optimizer,
+        schedule,
+        tensors["train"],
+        tensors["val"],
+        epochs=config.train.epochs,
+        batch_size=config.train.batch_size,
+        early_stop=config.early_stop,
+        seed=seed,
+        eval_batch_size=config.train.eval_batch_size,
+        precision=config.train.precision,
+        diagnostics=config.train.diagnostics,
+        start=start,
+        on_epoch_end=on_epoch_end,
+        parallel=parallel,
+    )
+    set_portable_layout(model)  # saved, logged and exported weights are NCHW
+    return model, result
+
+
+def _share_start(parallel: ProcessGroup | None, saved: dict[str, Any] | None) -> None:
+    """Under torchrun, the other processes start (or skip) the member where rank 0 does."""
+    if parallel is not None:
+        parallel.broadcast(saved)
+
+
+def follow_member(
+    config: RunConfig,
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    data_meta: dict[str, Any],
+    member: Member,
+    parallel: ProcessGroup,
+) -> None:
+    """A process of rank > 0: trains its shards in step with rank 0, which decides where
+    to start (its checkpoint) and alone writes checkpoints, outputs and MLflow records."""
+    saved: dict[str, Any] | None = parallel.broadcast(None)
+    if saved is not None and saved.get("finished"):
+        return
+    start = LoopState.from_dict(saved["loop"]) if saved else None
+    _, result = fit_member(config, tensors, data_meta, member.seed, start, None, parallel)
+    if result.stop_reason == "diverged":
+        raise DivergedError(f"rank {parallel.rank}: seed {member.seed} diverged with rank 0")
+
+
+def _new_model(
+    config: RunConfig,
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    data_meta: dict[str, Any],
+) -> nn.Module:
+    image_shape = tuple(tensors["train"][0].shape[1:])
+    return build_model(config.model, image_shape=image_shape, num_classes=data_meta["num_classes"])  # type: ignore[arg-type]
+
+
+def _finished_result(loop: dict[str, Any], config: RunConfig) -> FitResult:
+    """The FitResult of a finished member, from its history (pure): a run shorter than
+    train.epochs stopped early; the best epoch is replayed with the early-stopping rule."""
+    history = list(loop["history"])
+    stopper = EarlyStopping(config.early_stop)
+    for record in history:
+        stopper.update(int(record["epoch"]), record)
+    return FitResult(
+        history=history,
+        epochs_run=len(history),
+        stop_reason="max_epochs" if len(history) >= config.train.epochs else "early_stop",
+        best_epoch=stopper.best_epoch,
+        train_seconds=sum(record["seconds"] for record in history),
+    )
+
+
+def _kept_weights(loop: dict[str, Any], config: RunConfig) -> dict[str, Any]:
+    """The weights a finished member ended with: its best epoch's with restore_best."""
+    best = loop.get("best_model")
+    weights: dict[str, Any] = best if config.early_stop.restore_best and best else loop["model"]
+    return weights
+
+
+def _final_state(result: FitResult, model: nn.Module) -> dict[str, Any]:
+    return LoopState(
+        epochs_done=result.epochs_run, history=result.history, model=model.state_dict()
+    ).to_dict()
+
+
+def _relog_missing_epochs(run_id: str, history: list[dict[str, float]]) -> None:
+    logged = tracking.logged_epochs(run_id, "val_loss")
+    for record in history:
+        if int(record["epoch"]) not in logged:
+            tracking.log_epoch(
+                run_id, int(record["epoch"]), {k: v for k, v in record.items() if k != "epoch"}
+            )
+
+
+def _log_run_end(
+    run_id: str, config: RunConfig, model: nn.Module, result: FitResult, example: torch.Tensor
+) -> None:
+    from deepopt.figures import plot_history  # lazy: matplotlib
+
+    summary = {
+        "epochs_run": result.epochs_run,
+        "stop_reason": result.stop_reason,
+        "best_epoch": result.best_epoch,
+    }
+    tracking.set_tags(run_id, {k: str(v) for k, v in summary.items()})
+    tracking.log_metrics(
+        run_id, {"epochs_run": result.epochs_run, "train_seconds": result.train_seconds}
+    )
+    figure = plot_history(
+        result.history, title=f"{config.model.name} / {config.optim.name} / {config.schedule.name}"
+    )
+    tracking.log_figure(run_id, figure, "history.png")
+    tracking.log_dict(run_id, config.model_dump(mode="json"), "config.json")
+    if config.mlflow.log_model:
+        tracking.log_model(run_id, model.float().eval(), example.float().numpy())
+    tracking.end_run(run_id, "FINISHED")
