@@ -67,6 +67,11 @@ def dvc_scratch() -> Path:
 
 
 def section_dvc(bench: Bench) -> dict[str, Any]:
+    """A no-op ``dvc repro`` of the repository's pipeline (``noop_repro``)."""
+    return noop_repro(Path(bench.args.params), bench.args.dvc_runs)
+
+
+def noop_repro(params_file: Path, runs: int) -> dict[str, Any]:
     """A no-op ``dvc repro`` of the repository's pipeline, timed in a scratch copy:
     dvc.yaml, .dvcignore, .dvc/config and src/ as they are, params.yaml resolved and shrunk
     to tiny runs (the same stages). The copy is kept between runs (``dvc_scratch()``), so
@@ -88,16 +93,16 @@ def section_dvc(bench: Bench) -> dict[str, Any]:
     shutil.copytree(
         REPO / "src", work / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__")
     )
-    resolved = load_params(bench.args.params).model_dump(mode="json")
+    resolved = load_params(params_file).model_dump(mode="json")
     small = _shrink_params(resolved)
     parse_params(small, source="shrunk params.yaml")  # a ConfigError names what to adapt here
     text = yaml.safe_dump(small, sort_keys=False)
-    params_file = work / "params.yaml"
-    if not params_file.is_file() or params_file.read_text(encoding="utf-8") != text:
-        params_file.write_text(text, encoding="utf-8")
+    target = work / "params.yaml"
+    if not target.is_file() or target.read_text(encoding="utf-8") != text:
+        target.write_text(text, encoding="utf-8")
     first = _timed([dvc, "repro"], work, env)
     say(f"  dvc: {work} brought up to date in {first:.1f} s")
-    times = [_timed([dvc, "repro"], work, env) for _ in range(bench.args.dvc_runs)]
+    times = [_timed([dvc, "repro"], work, env) for _ in range(runs)]
     stages = subprocess.run(
         [dvc, "stage", "list", "--name-only"], cwd=work, env=env, capture_output=True, text=True
     ).stdout.split()
