@@ -13,8 +13,13 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
+
+# `pytest --hypothesis-profile=long`: thousands of examples per property (the params.yaml
+# fuzzer, tests/system/test_fuzz_params.py, takes the count from here), no deadline.
+settings.register_profile("long", max_examples=3000, deadline=None)
 
 
 @pytest.fixture()
@@ -38,6 +43,18 @@ def _isolated_tracking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
     if "mlflow" in sys.modules:  # else nothing has set it yet
         sys.modules["mlflow"].set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+
+
+@pytest.fixture(autouse=True)
+def _outputs_allowed_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test's tmp_path counts as a folder configured for outputs (deepopt.paths' wall
+    refuses any other place outside the workspace), whatever folder the test runs in; the
+    folders a test configures are forgotten after it. A test of the wall itself sets
+    ``paths._CONFIGURED`` to ``{}`` to see it as a real process would."""
+    from deepopt import paths
+
+    monkeypatch.setattr(paths, "_CONFIGURED", {})
+    paths.allow_outputs_under(tmp_path)
 
 
 TINY_SUBSET = 500  # 450 train / 50 val images of the real Fashion-MNIST

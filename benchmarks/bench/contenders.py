@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepopt import paths
 from deepopt.config import OptimConfig, apply_overrides
 from deepopt.data import DATASETS, RAW_FILES, RawSource, normalize
 from deepopt.models import build_model
@@ -34,7 +35,7 @@ def deepopt_runner(setup: Setup, name: str, train: dict[str, Any], out: Outcome)
             experiment_id=setup.experiment_id,
             run_name=name,
             member=Member(replica=0, index=0, seed=config.seed),
-            checkpoint_dir=setup.workdir / "checkpoints" / name,
+            checkpoint_dir=paths.checkpoint_dir(setup.workdir / "checkpoints", name),
             on_epoch=lambda _state: epoch_done(),
         )
         out.model, out.precision = result.model, config.train.precision

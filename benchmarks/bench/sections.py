@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import yaml
 
+from deepopt import paths
 from deepopt.config import RunConfig, apply_overrides
 from deepopt.models import build_model, evaluation_layout
 from deepopt.training import evaluate_logits
@@ -134,7 +135,7 @@ def timed_tracked_run(
         experiment_id=bench.setup.experiment_id,
         run_name=name,
         member=Member(replica=seed - config.seed, index=0, seed=seed),
-        checkpoint_dir=bench.setup.workdir / "checkpoints" / f"{name}-{seed}",
+        checkpoint_dir=paths.checkpoint_dir(bench.setup.workdir / "checkpoints", f"{name}-{seed}"),
     )
     accuracy = test_accuracy(result.model, data.prepared, config.train.precision)
     wall = time.perf_counter() - tic

@@ -1,12 +1,27 @@
-"""Where each stage reads and writes, relative to the repository root.
+"""Where each stage reads and writes, relative to the repository root, and the wall that
+keeps every output there.
 
 dvc.yaml names the same paths (DVC needs them literally); ``tests/system/test_dvc_yaml.py``
 checks the two agree, so a path is changed here and in dvc.yaml together.
+
+**Outputs stay inside.** ``check_output`` (called by every writer and lock in
+``deepopt.files`` before it creates a folder or opens a file) resolves a target's folder
+(symlinks and ``..``) and refuses it (ConfigError, exit 2) unless it lies inside the
+workspace (``repo_root``) or inside a folder the user configured for files deepopt writes:
+``train.checkpoint_dir`` (registered by ``checkpoint_dir`` and ``transfer_checkpoint_dir``,
+its only readers) and ``data.root`` (by ``data.locate_raw``), through
+``allow_outputs_under``. This holds whatever a name check before it let through
+(``models/../../x``, an absolute "name") and for an output folder that is a symlink to
+elsewhere. The Optuna storage and the MLflow store are not checked: each is one path the
+user wrote whole, and deepopt joins no name onto it.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+from deepopt.errors import ConfigError
 
 __all__ = [
     "BASE_EXPERIMENT",
@@ -18,11 +33,15 @@ __all__ = [
     "REPORT_FILE",
     "REPORT_PLOTS",
     "TRANSFER_DIR",
+    "allow_outputs_under",
+    "check_output",
     "checkpoint_dir",
+    "checkpoint_lock",
     "eval_metrics_path",
     "history_path",
     "meta_path",
     "model_path",
+    "output_roots",
     "plots_dir",
     "prepared_split_path",
     "repo_root",
@@ -88,8 +107,70 @@ def history_path(experiment: str) -> Path:
 
 
 def checkpoint_dir(root: str | Path, experiment: str) -> Path:
-    """Per-experiment checkpoints; never a DVC out, so `dvc repro` does not delete them."""
-    return Path(root) / experiment
+    """Per-experiment checkpoints; never a DVC out, so `dvc repro` does not delete them.
+
+    ``root`` (train.checkpoint_dir) becomes an allowed output folder; ``experiment`` must
+    stay inside it."""
+    return _inside(allow_outputs_under(root), experiment)
+
+
+# The folders the user configured for outputs (resolved -> as configured), this process.
+_CONFIGURED: dict[Path, Path] = {}
+
+
+def _real(path: Path) -> Path:
+    """``path`` made absolute with its folder's symlinks and ``..`` resolved; the last part
+    is kept as it is (a file that is a symlink, e.g. into DVC's cache, is replaced by the
+    rename, not written through)."""
+    if path.name in ("", ".", ".."):
+        return Path(os.path.realpath(path))
+    return Path(os.path.realpath(path.parent)) / path.name
+
+
+def allow_outputs_under(folder: str | Path) -> Path:
+    """Let deepopt write inside ``folder``, a folder the user configured; ``folder``
+    unchanged. A folder that holds the workspace (".." or "/") is not taken: it would let
+    every output escape, so writes there are refused as outside."""
+    folder = Path(folder)
+    real = _real(folder)
+    root = repo_root()
+    if real == root or not root.is_relative_to(real):
+        _CONFIGURED.setdefault(real, folder)
+    return folder
+
+
+def output_roots() -> list[Path]:
+    """Where outputs may go: the workspace, then each configured folder (all resolved)."""
+    return [repo_root(), *_CONFIGURED]
+
+
+def check_output(target: str | Path) -> Path:
+    """``target`` resolved, when it lies inside one of ``output_roots``; else a ConfigError
+    (exit 2, nothing written): an experiment or study name, a configured path or a symlink
+    that leads outside the workspace."""
+    target = Path(target)
+    real = _real(target)
+    roots = output_roots()
+    if any(real.is_relative_to(root) for root in roots):
+        return real
+    allowed = " or ".join(str(root) for root in roots)
+    raise ConfigError(
+        f"refusing to write {target}: it resolves to {real}, outside {allowed}; outputs stay "
+        "in the workspace or train.checkpoint_dir (check the experiment or study name, and "
+        "any symlink on the way)"
+    )
+
+
+def _inside(base: Path, *names: str) -> Path:
+    """``base``/``names``, each name one plain folder name (ConfigError otherwise), so the
+    folder stays inside ``base`` (where it leads through symlinks, ``check_output`` sees)."""
+    for name in names:
+        if Path(name).parts != (name,) or name in (".", ".."):
+            raise ConfigError(
+                f"{name!r} would put checkpoints at {base.joinpath(*names)}, outside {base}; "
+                "a name must be one plain folder name"
+            )
+    return base.joinpath(*names)
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -108,6 +189,11 @@ def repo_root(start: Path | None = None) -> Path:
         if (folder / ".dvc").is_dir() or (folder / ".git").exists():
             return folder
     return here
+
+
+def checkpoint_lock(folder: str | Path) -> Path:
+    """The lock file a process holds while it trains into checkpoint folder ``folder``."""
+    return Path(folder) / "deepopt.lock"
 
 
 def transfer_model_path() -> Path:
@@ -131,4 +217,4 @@ def transfer_plot_path() -> Path:
 
 def transfer_checkpoint_dir(root: str | Path, stage: str) -> Path:
     """Checkpoints of the transfer stages, beside the experiments' (never a DVC out)."""
-    return Path(root) / "transfer" / stage
+    return _inside(allow_outputs_under(root), "transfer", stage)

@@ -265,7 +265,7 @@ _schedule = _variant(SCHEDULE_NAMES, SCHEDULE_KNOBS, _SCHEDULE_KNOBS)
 _text = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=12)
 _params = st.fixed_dictionaries(
     {
-        "seed": st.integers(0, 2**31),
+        "seed": st.integers(0, 2**31 - 1),
         "data": st.fixed_dictionaries(
             {
                 "name": st.sampled_from(["mnist", "fashion-mnist", "kmnist"]),
@@ -332,3 +332,25 @@ def test_any_valid_params_survive_load_dump_load(raw: dict[str, Any]) -> None:
     assert yaml.safe_dump(second.model_dump(mode="json")) == dumped  # a fixed point
     for name in raw["experiments"]:
         assert resolve_experiment(second, name) == resolve_experiment(first, name)
+
+
+@pytest.mark.parametrize("section", ["optim", "schedule"])
+@pytest.mark.parametrize("name", [[], {}, [1], None, 3])
+def test_a_variant_name_that_is_not_text_is_one_line(
+    base_params: dict[str, Any], section: str, name: Any
+) -> None:
+    # Found by the params.yaml fuzzer: optim.name [] was a TypeError traceback.
+    message = _error(_with(base_params, section, name=name))
+    assert message.startswith(f"params.yaml: {section}.name: {name!r} ")
+
+
+def test_nesterov_without_momentum_is_a_config_error(base_params: dict[str, Any]) -> None:
+    # Found by the params.yaml fuzzer: a ValueError traceback from torch.optim.SGD.
+    assert _error(_with(base_params, "optim", momentum=0.0)) == (
+        "params.yaml: optim.momentum: 0.0 is not allowed with nesterov (it needs momentum > 0); "
+        "use momentum in (0, 1) or optim.name sgd"
+    )
+    assert parse_params(_with(base_params, "optim", name="momentum", momentum=0.0))
+    raw = copy.deepcopy(base_params)
+    raw["tune"]["space"]["momentum"] = {"low": 0.0, "high": 0.9}
+    assert "tune.space.momentum: low 0 could draw momentum 0 for nesterov" in _error(raw)

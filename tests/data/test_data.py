@@ -541,7 +541,7 @@ def test_load_split_rejects_a_corrupt_file(tmp_path: Path) -> None:
 def test_load_split_rejects_wrong_contents(tmp_path: Path) -> None:
     path = tmp_path / "val.pt"
     torch.save({"images": torch.zeros(3, 28, 28), "labels": torch.zeros(3)}, path)  # float
-    with pytest.raises(DataError, match=r"val\.pt: expected .*uint8"):
+    with pytest.raises(DataError, match=r"val\.pt: holds \{'images': float32 .*; expected .*uint8"):
         load_split(path)
 
 

@@ -150,7 +150,7 @@ def test_killed_training_resumes_to_the_uninterrupted_result(
 def test_diverging_run_fails_cleanly(
     workspace: Callable[..., Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    work = workspace(model={"batchnorm": False}, optim={"lr": 1.0e6})
+    work = workspace(model={"batchnorm": False}, optim={"lr": 5.0})  # valid, yet diverges
     assert cli.main(["train", "--experiment", "small"]) == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "diverged" in err and "Traceback" not in err

@@ -4,6 +4,7 @@ section (run, tune, transfer) is the single source of defaults; problems are one
 from __future__ import annotations
 
 from deepopt.config.loading import load_overrides, load_params, parse_params, resolve_run
+from deepopt.config.names import NAME_RULE, check_experiment_name, check_name, run_name
 from deepopt.config.params import (
     Params,
     apply_overrides,
@@ -46,6 +47,7 @@ from deepopt.config.tune import (
 __all__ = [
     "DATASET_NAMES",
     "MODEL_NAMES",
+    "NAME_RULE",
     "OPTIMIZER_KNOBS",
     "OPTIMIZER_NAMES",
     "SCHEDULE_KNOBS",
@@ -70,6 +72,8 @@ __all__ = [
     "TuneConfig",
     "TuneSpace",
     "apply_overrides",
+    "check_experiment_name",
+    "check_name",
     "check_storage_url",
     "config_hash",
     "integer_field",
@@ -80,6 +84,7 @@ __all__ = [
     "resolve_experiment",
     "resolve_run",
     "resolve_transfer",
+    "run_name",
     "searchable_knobs",
     "torchvision_weights_name",
 ]

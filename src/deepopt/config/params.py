@@ -8,9 +8,11 @@ import hashlib
 import json
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from deepopt.config.limits import MAX_FINETUNE_IMAGES
 from deepopt.config.messages import format_validation_error
+from deepopt.config.names import check_experiment_name
 from deepopt.config.run import (
     OPTIMIZER_KNOBS,
     RUN_SECTIONS,
@@ -40,9 +42,24 @@ class Params(RunConfig):
     tune: TuneConfig = TuneConfig()
     transfer: TransferConfig = TransferConfig()
 
+    @field_validator("experiments", mode="before")
+    @classmethod
+    def _experiment_names(cls, value: Any) -> Any:
+        for name in value if isinstance(value, dict) else ():
+            check_experiment_name(name, "experiments")
+        return value
+
     @model_validator(mode="after")
     def _transfer_resolves(self) -> Params:
-        resolve_transfer(self)
+        batch = resolve_transfer(self).train.batch_size
+        transfer = self.transfer
+        if transfer.finetune_min_batches * batch > MAX_FINETUNE_IMAGES:
+            raise ValueError(
+                f"transfer.finetune_min_batches: {transfer.finetune_min_batches} batches of "
+                f"{batch} images (train.batch_size) make fine-tune epochs of "
+                f"{transfer.finetune_min_batches * batch} images, more than the "
+                f"{MAX_FINETUNE_IMAGES} allowed (held in memory); lower either"
+            )
         return self
 
     @model_validator(mode="after")

@@ -4,9 +4,26 @@ the single source of defaults, every optimizer's and schedule's knobs included."
 from __future__ import annotations
 
 import difflib
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from deepopt.config import limits
+from deepopt.config.limits import (
+    MAX_BATCH,
+    MAX_DEPTH,
+    MAX_ENSEMBLE,
+    MAX_EPOCHS,
+    MAX_EPS,
+    MAX_IMAGES,
+    MAX_LR,
+    MAX_MIN_DELTA,
+    MAX_REPLICAS,
+    MAX_SEED,
+    MAX_THREADS,
+    MAX_WEIGHT_DECAY,
+    MAX_WIDTH,
+)
 
 __all__ = [
     "DATASET_NAMES",
@@ -48,9 +65,13 @@ SCHEDULE_NAMES: tuple[str, ...] = get_args(ScheduleName)
 
 
 class Strict(BaseModel):
-    """Frozen, and refuses unknown keys: the base of every config section."""
+    """Frozen, refuses unknown keys, NaN and infinities: the base of every config section."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# A layer's units or channels (every entry of conv_channels too: a width of 0 is refused).
+Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
 
 
 class DataConfig(Strict):
@@ -58,7 +79,7 @@ class DataConfig(Strict):
     # Folder holding <name>/ with the four IDX files (.gz or not); relative to the repo.
     root: str = "data/raw"
     # Seeded, stratified subset of the 60,000 training images; null = all of them.
-    train_subset: int | None = Field(6000, ge=20)
+    train_subset: int | None = Field(6000, ge=20, le=MAX_IMAGES)
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
 
 
@@ -100,14 +121,14 @@ class ModelConfig(Strict):
     # layers; torch: PyTorch's defaults (Kaiming-uniform with a=sqrt(5)).
     init: Literal["keras", "torch"] = "keras"
     # lecture_cnn: channels of the three 5x5 convolutions and units of the hidden dense layer.
-    conv_channels: tuple[int, int, int] = (10, 40, 80)
-    dense_units: int = Field(50, ge=1)
+    conv_channels: tuple[Width, Width, Width] = (10, 40, 80)
+    dense_units: Width = 50
     # mlp: number of hidden layers and their width; resnet: weight layers, 6n+2 (8, 14, 20).
-    depth: int = Field(8, ge=1)
-    width: int = Field(128, ge=1)
+    depth: int = Field(8, ge=1, le=MAX_DEPTH)
+    width: Width = 128
     # resnet: channels of the first stage (x2, x4 in the next two), and whether its blocks
     # have the identity shortcut (false: the same layers as a plain stack).
-    base_channels: int = Field(16, ge=1)
+    base_channels: Width = 16
     skip: bool = True
     # Start from these weights instead of random ones: a local state-dict file (loaded with
     # weights_only=True), or for torchvision:<name> one of its torchvision weights
@@ -173,8 +194,8 @@ def _check_knobs(
     section: str, chosen: str, values: dict[str, Any], table: dict[str, dict[str, Any]]
 ) -> dict[str, Any]:
     """Refuse knobs the chosen variant lacks; fill in defaults of the ones it takes."""
-    knobs = table.get(chosen)
-    if knobs is None:  # an unknown name: let the Literal field report it
+    knobs = table.get(chosen) if isinstance(chosen, str) else None
+    if knobs is None:  # an unknown name or not a name: let the Literal field report it
         return values
     all_knobs = {k for variant in table.values() for k in variant}
     for key, value in values.items():
@@ -193,11 +214,12 @@ def _check_knobs(
 
 class OptimConfig(Strict):
     name: OptimizerName = "nesterov"
-    lr: float = Field(0.02, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)  # L2 penalty, as torch.optim applies it
+    lr: float = Field(0.02, gt=0.0, le=MAX_LR)
+    # L2 penalty, as torch.optim applies it.
+    weight_decay: float = Field(0.0, ge=0.0, le=MAX_WEIGHT_DECAY)
     momentum: float | None = Field(None, ge=0.0, lt=1.0)
     betas: tuple[float, float] | None = None  # adam/adamw: the lecture's rho1, rho2
-    eps: float | None = Field(None, gt=0.0)  # the lecture's delta
+    eps: float | None = Field(None, gt=0.0, le=MAX_EPS)  # the lecture's delta
     rho: float | None = Field(None, gt=0.0, lt=1.0)  # rmsprop decay (torch's alpha)
 
     @model_validator(mode="before")
@@ -211,6 +233,11 @@ class OptimConfig(Strict):
     def _ranges(self) -> OptimConfig:
         if self.betas is not None and not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"optim.betas: {list(self.betas)} must both be in [0, 1)")
+        if self.name == "nesterov" and self.momentum == 0.0:  # torch.optim.SGD refuses it
+            raise ValueError(
+                "optim.momentum: 0.0 is not allowed with nesterov (it needs momentum > 0); "
+                "use momentum in (0, 1) or optim.name sgd"
+            )
         return self
 
 
@@ -238,18 +265,19 @@ SCHEDULE_KNOBS: dict[str, dict[str, Any]] = {
 
 class ScheduleConfig(Strict):
     name: ScheduleName = "constant"
-    final_lr: float | None = Field(None, gt=0.0)  # linear: eta_T
-    horizon: int | None = Field(None, ge=1)  # linear: T in epochs (null = train.epochs)
+    final_lr: float | None = Field(None, gt=0.0, le=MAX_LR)  # linear: eta_T
+    # linear: T in epochs (null = train.epochs)
+    horizon: int | None = Field(None, ge=1, le=MAX_EPOCHS)
     decay: float | None = Field(None, gt=0.0, lt=1.0)  # inverse_time: delta per batch
     monitor: MonitorName | None = None  # plateau
     factor: float | None = Field(None, gt=0.0, lt=1.0)  # plateau
-    patience: int | None = Field(None, ge=0)  # plateau, epochs
-    min_delta: float | None = Field(None, ge=0.0)  # plateau, absolute as in Keras
-    cooldown: int | None = Field(None, ge=0)  # plateau, epochs
-    min_lr: float | None = Field(None, ge=0.0)  # plateau and cosine floor
-    step_size: int | None = Field(None, ge=1)  # step, epochs
+    patience: int | None = Field(None, ge=0, le=MAX_EPOCHS)  # plateau, epochs
+    min_delta: float | None = Field(None, ge=0.0, le=MAX_MIN_DELTA)  # plateau, absolute as in Keras
+    cooldown: int | None = Field(None, ge=0, le=MAX_EPOCHS)  # plateau, epochs
+    min_lr: float | None = Field(None, ge=0.0, le=MAX_LR)  # plateau and cosine floor
+    step_size: int | None = Field(None, ge=1, le=MAX_EPOCHS)  # step, epochs
     gamma: float | None = Field(None, gt=0.0, le=1.0)  # step
-    warmup_epochs: int | None = Field(None, ge=0)  # cosine: linear warmup from ~0
+    warmup_epochs: int | None = Field(None, ge=0, le=MAX_EPOCHS)  # cosine: linear warmup from ~0
 
     @model_validator(mode="before")
     @classmethod
@@ -280,21 +308,22 @@ def check_cosine_warmup(warmup_epochs: int, epochs: int) -> None:
 class EarlyStopConfig(Strict):
     enabled: bool = True
     monitor: MonitorName = "val_loss"
-    min_delta: float = Field(1e-4, ge=0.0)  # absolute, as Keras
-    patience: int = Field(5, ge=0)  # epochs without improvement before stopping
+    min_delta: float = Field(1e-4, ge=0.0, le=MAX_MIN_DELTA)  # absolute, as Keras
+    patience: int = Field(5, ge=0, le=MAX_EPOCHS)  # epochs without improvement before stopping
     mode: Literal["auto", "min", "max"] = "auto"  # auto: min for val_loss, max for val_acc
     restore_best: bool = False  # the lecture keeps the last weights
 
 
 class TrainConfig(Strict):
-    epochs: int = Field(100, ge=1)
-    batch_size: int = Field(50, ge=1)
-    eval_batch_size: int = Field(1000, ge=1)
-    threads: int | None = Field(None, ge=1)  # torch intra-op threads; null = all cores
+    epochs: int = Field(100, ge=1, le=MAX_EPOCHS)
+    # Larger than the training split: each epoch is one batch of the whole split.
+    batch_size: int = Field(50, ge=1, le=MAX_BATCH)
+    eval_batch_size: int = Field(1000, ge=1, le=MAX_BATCH)
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS)  # torch threads; null = all cores
     # bf16: CPU autocast to bfloat16 (AMX/AVX512-BF16 kernels): ~1.7x faster epochs here,
     # test accuracy as fp32's (benchmarks/bench_train.py); needs a CPU with bf16 support.
     precision: Literal["fp32", "bf16"] = "fp32"
-    ensemble: int = Field(1, ge=1)  # members trained with seeds seed, seed+1, ...
+    ensemble: int = Field(1, ge=1, le=MAX_ENSEMBLE)  # members trained with seeds seed, seed+1, ...
     # Opt-in diagnostics from the lecture: per-layer gradient norms (vanishing gradients)
     # and the fraction of zero ReLU outputs per layer (sparsity).
     diagnostics: bool = False
@@ -313,13 +342,13 @@ class MlflowConfig(Strict):
 
 
 class MatrixConfig(Strict):
-    seeds: int = Field(1, ge=1)  # every experiment repeated over seed, seed+1, ...
+    seeds: int = Field(1, ge=1, le=MAX_REPLICAS)  # every experiment repeated over seed, seed+1, ...
 
 
 class RunConfig(Strict):
     """Everything one training run reads: the base config with an experiment applied."""
 
-    seed: int = Field(4487, ge=0)
+    seed: int = Field(4487, ge=0, le=MAX_SEED)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
@@ -333,6 +362,15 @@ class RunConfig(Strict):
         warmup = self.schedule.warmup_epochs  # filled in for cosine, None for the others
         if self.schedule.name == "cosine" and warmup is not None:
             check_cosine_warmup(warmup, self.train.epochs)
+        return self
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> RunConfig:
+        image = (3, 32, 32) if self.data.name == "cifar10" else (1, 28, 28)
+        batches = {
+            f"train.{key}": getattr(self.train, key) for key in ("batch_size", "eval_batch_size")
+        }
+        limits.check_memory(self.model.model_dump(), image, batches)
         return self
 
 

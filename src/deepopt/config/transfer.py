@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
+from deepopt.config.limits import MAX_EPOCHS, MAX_IMAGES
 from deepopt.config.run import DatasetName, Strict
 
 __all__ = ["TRANSFER_MODES", "TransferConfig", "TransferMode", "TransferTask"]
 
 TransferMode = Literal["linear_probe", "finetune", "scratch"]
 TRANSFER_MODES: tuple[str, ...] = get_args(TransferMode)
+# Images per class (more than any supported data set has; the stages check the real count).
+PerClass = Annotated[int, Field(ge=1, le=MAX_IMAGES)]
 
 
 class TransferTask(Strict):
@@ -35,20 +38,20 @@ class TransferConfig(Strict):
     source: TransferTask = TransferTask(classes=(0, 1, 2, 3, 4))
     target: TransferTask = TransferTask(classes=(5, 6, 7, 8, 9))
     # Training images per source class (from its training file); null = all of them.
-    source_per_class: int | None = Field(2000, ge=1)
+    source_per_class: PerClass | None = 2000
     # Held out of the training files, per class, for validation (source and target alike).
-    val_per_class: int = Field(100, ge=1)
+    val_per_class: PerClass = 100
     # Labelled training images per target class: one fine-tune per size and mode; the
     # smaller sets are subsets of the larger ones.
-    target_sizes: tuple[int, ...] = Field((2, 10, 50, 200, 1000), min_length=1)
+    target_sizes: tuple[PerClass, ...] = Field((2, 10, 50, 200, 1000), min_length=1)
     modes: tuple[TransferMode, ...] = Field(("linear_probe", "finetune", "scratch"), min_length=1)
     # finetune: the backbone's learning rate is optim.lr times this (1 = the same).
     backbone_lr_scale: float = Field(1.0, gt=0.0, le=1.0)
-    pretrain_epochs: int = Field(5, ge=1)
-    finetune_epochs: int = Field(10, ge=1)  # every fine-tune, without early stopping
+    pretrain_epochs: int = Field(5, ge=1, le=MAX_EPOCHS)
+    finetune_epochs: int = Field(10, ge=1, le=MAX_EPOCHS)  # every fine-tune, without early stopping
     # Batches per fine-tune epoch at least: a smaller training set is repeated (whole
     # copies, shuffled together) so that 10 images per class still get enough updates.
-    finetune_min_batches: int = Field(30, ge=1)
+    finetune_min_batches: int = Field(30, ge=1, le=MAX_IMAGES)
     # Run-config overrides for both stages, in an experiments entry's shape (model, optim...).
     overrides: dict[str, Any] = Field(
         default_factory=lambda: {"model": {"name": "resnet", "depth": 8, "base_channels": 16}}

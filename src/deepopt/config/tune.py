@@ -8,8 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from deepopt.config.limits import (
+    MAX_EPOCHS,
+    MAX_HEARTBEAT,
+    MAX_HEARTBEAT_GRACE,
+    MAX_SEED,
+    MAX_TIMEOUT,
+    MAX_TRIALS,
+    MAX_WORKERS,
+)
+from deepopt.config.names import DERIVED_SUFFIX, MAX_NAME_LENGTH, check_experiment_name, check_name
 from deepopt.config.run import (
     SCHEDULE_KNOBS,
     SCHEDULE_NAMES,
@@ -101,6 +111,11 @@ def _check_range(
         raise ValueError(f"{path}: a log range needs low > 0, got low {bounds.low:g}")
     if bounds.step is not None and (bounds.log or bounds.step <= 0):
         raise ValueError(f"{path}: step must be > 0 and cannot be combined with log")
+    if bounds.step is not None and bounds.step > bounds.high - bounds.low:
+        raise ValueError(
+            f"{path}: step {bounds.step:g} is more than high - low "
+            f"({bounds.high - bounds.low:g}); the range would hold one value"
+        )
     section = "optim" if model is OptimConfig else "schedule"
     for end, value in (("low", bounds.low), ("high", bounds.high), ("step", bounds.step)):
         if value is None:
@@ -149,6 +164,12 @@ class TuneSpace(Strict):
         if self.momentum is not None:
             fixed = {"name": "momentum"}
             _check_range(f"{where}.momentum", self.momentum, OptimConfig, "momentum", fixed)
+            nesterov = self.nesterov or "nesterov" in (self.optimizer or [])
+            if nesterov and self.momentum.low <= 0.0:
+                raise ValueError(
+                    f"{where}.momentum: low {self.momentum.low:g} could draw momentum 0 for "
+                    "nesterov, which needs momentum > 0; use low > 0"
+                )
         if self.weight_decay is not None:
             _check_range(
                 f"{where}.weight_decay", self.weight_decay, OptimConfig, "weight_decay", {}
@@ -187,28 +208,48 @@ class TuneConfig(Strict):
 
     experiment: str | None = None  # an entry of experiments to start from; null = the base
     # Finished (complete + pruned) trials the study should hold; a resumed study runs the rest.
-    n_trials: int = Field(30, ge=1)
-    epochs: int = Field(15, ge=1)  # per trial (train.epochs of the trials)
-    timeout: float | None = Field(None, gt=0.0)  # seconds per session; null = no limit
+    n_trials: int = Field(30, ge=1, le=MAX_TRIALS)
+    epochs: int = Field(15, ge=1, le=MAX_EPOCHS)  # per trial (train.epochs of the trials)
+    # Seconds per session; null = no limit.
+    timeout: float | None = Field(None, gt=0.0, le=MAX_TIMEOUT)
     # Worker processes sharing the study, each with cores/workers torch threads.
-    workers: int = Field(2, ge=1)
+    workers: int = Field(2, ge=1, le=MAX_WORKERS)
     storage: str = "sqlite:///optuna.db"  # relative paths: from the folder deepopt runs in
     study_name: str | None = None  # null: <experiment>-<hash of space, data and config>
-    sampler_seed: int | None = None  # null = seed
-    startup_trials: int = Field(10, ge=0)  # random trials before TPE models the results
+    sampler_seed: int | None = Field(None, ge=0, le=MAX_SEED)  # null = seed
+    # Random trials before TPE models the results.
+    startup_trials: int = Field(10, ge=0, le=MAX_TRIALS)
     pruner: Literal["median", "hyperband", "none"] = "median"
-    pruner_startup_trials: int = Field(5, ge=0)  # median: trials finished before it prunes
-    pruner_warmup_epochs: int = Field(3, ge=0)  # median: epochs never pruned; hyperband: min
+    # median: trials finished before it prunes; and epochs never pruned (hyperband: min).
+    pruner_startup_trials: int = Field(5, ge=0, le=MAX_TRIALS)
+    pruner_warmup_epochs: int = Field(3, ge=0, le=MAX_EPOCHS)
     precision: Literal["fp32", "bf16"] | None = None  # of the trials; null = train.precision
     # Seconds between a running trial's heartbeats (SQL storages), and without one for
     # heartbeat_grace seconds the trial is failed and queued again.
-    heartbeat_interval: int = Field(5, ge=1)
-    heartbeat_grace: int = Field(20, ge=2)
+    heartbeat_interval: int = Field(5, ge=1, le=MAX_HEARTBEAT)
+    heartbeat_grace: int = Field(20, ge=2, le=MAX_HEARTBEAT_GRACE)
     final_fit: Literal["train", "train+val"] = "train"  # what train_best learns from
     space: TuneSpace = TuneSpace()
 
+    @field_validator("experiment", mode="before")
+    @classmethod
+    def _experiment_name(cls, value: Any) -> Any:
+        return value if value is None else check_experiment_name(value, "tune.experiment")
+
+    @field_validator("study_name", mode="before")
+    @classmethod
+    def _study_name(cls, value: Any) -> Any:
+        return value if value is None else check_name(value, "tune.study_name")
+
     @model_validator(mode="after")
     def _check(self) -> TuneConfig:
+        derived = len(self.experiment or "base") + DERIVED_SUFFIX
+        if self.study_name is None and derived > MAX_NAME_LENGTH:
+            raise ValueError(
+                f"tune.experiment: the study name deepopt derives from it (<experiment>-<10 "
+                f"hex digits>) would have {derived} characters, more than {MAX_NAME_LENGTH}; "
+                "use a shorter experiment name or set tune.study_name"
+            )
         check_storage_url(self.storage)
         warmup = (self.space.schedule or {}).get("cosine", {}).get("warmup_epochs")
         if warmup is not None and warmup.high >= self.epochs:

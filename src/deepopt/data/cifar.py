@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -29,7 +30,9 @@ def read_cifar_bin(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """
     path = Path(path)
     data = read_bytes(path)
-    if not data or len(data) % _CIFAR_RECORD:
+    if not data:
+        raise DataError(f"{path}: the file is empty")
+    if len(data) % _CIFAR_RECORD:
         raise DataError(
             f"{path}: {len(data)} bytes is not a whole number of CIFAR-10 records "
             f"({_CIFAR_RECORD} bytes each: 1 label + 3x32x32 pixels)"
@@ -48,9 +51,22 @@ def read_cifar_bin(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def read_cifar(source: RawSource) -> RawData:
-    """The five training batches (concatenated) and the test batch of ``source``."""
-    parts = [read_cifar_bin(source.files[f"train_batch_{i}"]) for i in range(1, 6)]
+    """The five training batches (concatenated) and the test batch of ``source``.
+
+    All six hold the same number of records (10,000 in CIFAR-10): a file cut at a record
+    boundary is still a whole number of records, so only this comparison finds it."""
+    names = [f"train_batch_{i}" for i in range(1, 6)]
+    parts = [read_cifar_bin(source.files[name]) for name in names]
     test_images, test_labels = read_cifar_bin(source.files["test_batch"])
+    counts = {source.files[n]: len(labels) for n, (_, labels) in zip(names, parts, strict=True)}
+    counts[source.files["test_batch"]] = len(test_labels)
+    usual = Counter(counts.values()).most_common(1)[0][0]
+    odd = next((path for path, count in counts.items() if count != usual), None)
+    if odd is not None:
+        raise DataError(
+            f"{odd}: holds {counts[odd]} records but the other batch files {usual} each "
+            "(truncated or from another data set?)"
+        )
     return RawData(
         train_images=torch.cat([images for images, _ in parts]),
         train_labels=torch.cat([labels for _, labels in parts]),

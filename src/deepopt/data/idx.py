@@ -30,7 +30,7 @@ def read_bytes(path: Path) -> bytes:
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except EOFError:
-        raise DataError(f"{path}: gzip stream is truncated (copy or download it again)") from None
+        raise DataError(f"{path}: gzip stream is truncated") from None
     except (gzip.BadGzipFile, zlib.error) as err:
         raise DataError(f"{path}: not a valid gzip file ({err})") from None
     except OSError as err:
@@ -46,6 +46,10 @@ def read_idx(path: Path, expected_magic: int | None = None) -> torch.Tensor:
     """
     path = Path(path)
     data = read_bytes(path)
+    if not data:
+        raise DataError(
+            f"{path}: the file is empty (an IDX file starts with a 4-byte magic number)"
+        )
     if len(data) < 4:
         raise DataError(f"{path}: {len(data)} bytes is too short for an IDX header (4+ bytes)")
     if data[:2] != b"\x00\x00":

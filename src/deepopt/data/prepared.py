@@ -6,7 +6,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ __all__ = [
     "Preparation",
     "PreparedData",
     "build_meta",
+    "check_meta",
     "check_meta_matches",
     "file_sha256",
     "load_prepared",
@@ -150,10 +152,88 @@ def load_split(path: Path) -> Split:
         or labels.shape != images.shape[:1]
     ):
         raise DataError(
-            f"{path}: expected {{'images': uint8 [N, 28, 28] or [N, C, H, W], "
-            f"'labels': int64 [N]}}; {_RERUN}"
+            f"{path}: holds {_describe(content)}; expected {{'images': uint8 [N, 28, 28] or "
+            f"[N, C, H, W], 'labels': int64 [N]}}; {_RERUN}"
         )
     return Split(images=images, labels=labels)
+
+
+def _describe(content: Any) -> str:
+    """What a loaded split file holds, in a few words (for a message)."""
+    if not isinstance(content, dict):
+        return f"a {type(content).__name__}"
+
+    def one(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            return f"{str(value.dtype).removeprefix('torch.')} {list(value.shape)}"
+        return type(value).__name__
+
+    parts = [f"{key!r}: {one(value)}" for key, value in list(content.items())[:4]]
+    return "{" + ", ".join(parts) + "}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+# meta.json's keys that loading reads, each with its test and what it must be.
+_META_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "dataset": (lambda v: isinstance(v, str), "a dataset name"),
+    "digest": (lambda v: isinstance(v, str) and len(v) == 64, "a sha256 hex digest"),
+    "params": (
+        lambda v: (
+            isinstance(v, dict)
+            and _is_int(v.get("seed"))
+            and (v.get("train_subset") is None or _is_int(v.get("train_subset")))
+            and _is_number(v.get("val_fraction"))
+        ),
+        "{seed, train_subset, val_fraction}",
+    ),
+    "counts": (
+        lambda v: isinstance(v, dict) and all(_is_int(v.get(name)) for name in SPLITS),
+        "{train, val, test} image counts",
+    ),
+    "mean": (_is_number, "a finite number"),
+    "std": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "num_classes": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+    "class_names": (
+        lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+        "a list of names",
+    ),
+    "image_shape": (
+        lambda v: v is None or (isinstance(v, list) and all(_is_int(n) and n > 0 for n in v)),
+        "a list of sizes",
+    ),
+}
+
+
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+_JSON_KINDS[type(None)] = "null"
+
+
+def check_meta(meta: Any, meta_file: Path) -> dict[str, Any]:
+    """``meta`` as read from ``meta_file`` if it has what loading reads, else DataError."""
+    if not isinstance(meta, dict):
+        kind = _JSON_KINDS.get(type(meta), type(meta).__name__)
+        raise DataError(f"{meta_file}: holds a JSON {kind}, expected an object; {_RERUN}")
+    for key, (valid, what) in _META_KEYS.items():
+        if key not in meta and key == "image_shape":
+            continue
+        if key not in meta:
+            raise DataError(f"{meta_file}: has no '{key}' ({what}); {_RERUN}")
+        if not valid(meta[key]):
+            shown = one_line(repr(meta[key]), 60)
+            raise DataError(f"{meta_file}: '{key}' is {shown}, expected {what}; {_RERUN}")
+    if len(meta["class_names"]) != meta["num_classes"]:
+        raise DataError(
+            f"{meta_file}: {len(meta['class_names'])} class_names for num_classes "
+            f"{meta['num_classes']}; {_RERUN}"
+        )
+    return meta
 
 
 def check_meta_matches(meta: Mapping[str, Any], data: DataConfig, seed: int) -> None:
@@ -181,14 +261,15 @@ def load_prepared(params_data: DataConfig, seed: int, root: Path = Path(".")) ->
     if missing:
         raise DataError(f"prepared data is missing ({', '.join(missing)}); {_RERUN}")
     try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        text = meta_file.read_text(encoding="utf-8")
+        if not text.strip():
+            raise DataError(f"{meta_file}: cannot be read (the file is empty); {_RERUN}")
+        meta = json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(
             f"{meta_file}: cannot be read ({one_line(err, 200, with_type=True)}); {_RERUN}"
         ) from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{meta_file}: expected a JSON object; {_RERUN}")
-    check_meta_matches(meta, params_data, seed)
+    check_meta_matches(check_meta(meta, meta_file), params_data, seed)
     splits = {name: load_split(path) for name, path in split_files.items()}
     for name, split in splits.items():
         recorded = meta.get("counts", {}).get(name)
@@ -203,12 +284,7 @@ def load_prepared(params_data: DataConfig, seed: int, root: Path = Path(".")) ->
                 f"{split_files[name]}: holds images of shape {list(split.images.shape[1:])} "
                 f"but meta.json records {shape}; {_RERUN}"
             )
-    try:
-        return _prepared_data(splits, meta)
-    except (KeyError, TypeError, ValueError) as err:
-        raise DataError(
-            f"{meta_file}: incomplete ({one_line(err, 200, with_type=True)}); {_RERUN}"
-        ) from None
+    return _prepared_data(splits, meta)
 
 
 def _prepared_data(splits: Mapping[str, Split], meta: dict[str, Any]) -> PreparedData:

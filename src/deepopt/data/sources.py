@@ -8,6 +8,7 @@ import os
 import socket
 from pathlib import Path
 
+from deepopt import paths
 from deepopt.data.catalogue import (
     CIFAR_ARCHIVE,
     CIFAR_DIR,
@@ -41,8 +42,20 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DOWNLOAD_TIMEOUT_S = 30.0
 
 
+# What to do about a raw file that is damaged (every reader's DataError ends with it).
+_REPLACE = "replace it with an intact copy of the dataset's file"
+
+
 def read_raw(source: RawSource) -> RawData:
-    """The raw files of ``source``, each validated and checked against its partner."""
+    """The raw files of ``source``, each validated and checked against its partner; a
+    DataError names the file, what is wrong with it and that it needs an intact copy."""
+    try:
+        return _read_raw(source)
+    except DataError as err:
+        raise DataError(f"{err}; {_REPLACE}") from None
+
+
+def _read_raw(source: RawSource) -> RawData:
     if source.layout == "cifar":
         return read_cifar(source)
     tensors = {
@@ -166,6 +179,7 @@ def locate_raw(
     """
     if name not in DATASETS:
         raise ConfigError(f"data.name: {name!r} is not one of {', '.join(DATASETS)}")
+    paths.allow_outputs_under(root)  # downloads and unpacked archives go there
     if name == "cifar10":
         return _locate_cifar(root, download)
     own = Path(root) / name

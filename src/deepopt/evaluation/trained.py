@@ -71,6 +71,9 @@ def load_trained(path: Path, experiment: str) -> Trained:
         raise DataError(f"{path}: trained model is missing; {hint}") from None
     except UnreadableFileError as err:
         raise DataError(f"{path}: cannot be loaded ({err.problem}); {hint}") from None
+    if not isinstance(content, dict):
+        kind = type(content).__name__
+        raise DataError(f"{path}: not a model file of train (it holds a {kind}); {hint}")
     try:
         model_config = ModelConfig.model_validate(content["model_config"])
         channels, height, width = (int(n) for n in content["image_shape"])
@@ -108,13 +111,22 @@ def load_run_ids(path: Path, trained: Trained) -> tuple[str, dict[tuple[int, int
     """run.json's MLflow experiment id and the run id of each (replica, index) member."""
     hint = retrain_hint(trained.experiment)
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise DataError(f"{path}: not a run record of train (the file is empty); {hint}")
+        info = json.loads(text)
+        if not isinstance(info, dict) or not isinstance(info.get("runs"), list):
+            shape = "no 'runs' list" if isinstance(info, dict) else f"a {type(info).__name__}"
+            raise DataError(f"{path}: not a run record of train (it holds {shape}); {hint}")
         experiment_id = str(info["mlflow_experiment_id"])
         runs = {(int(r["replica"]), int(r["index"])): str(r["run_id"]) for r in info["runs"]}
     except FileNotFoundError:
         raise DataError(f"{path}: run record of the training is missing; {hint}") from None
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{path}: not a run record of train ({err}); {hint}") from None
+    except KeyError as err:
+        raise DataError(f"{path}: not a run record of train (no {err}); {hint}") from None
+    except (OSError, ValueError, TypeError) as err:
+        problem = one_line(err, 200, with_type=isinstance(err, TypeError))
+        raise DataError(f"{path}: not a run record of train ({problem}); {hint}") from None
     for member in trained.members:
         if (member.replica, member.index) not in runs:
             raise DataError(

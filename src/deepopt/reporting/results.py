@@ -15,7 +15,7 @@ from typing import Any
 
 from deepopt import paths
 from deepopt.config import Params, resolve_experiment
-from deepopt.errors import DataError
+from deepopt.errors import DataError, one_line
 from deepopt.paths import BASE_EXPERIMENT, BEST_EXPERIMENT
 
 __all__ = [
@@ -109,20 +109,28 @@ class DeepRow:
 # ------------------------------------------------------------------------ reading
 
 
+_REPRO = "run `dvc repro`"  # reruns the stage whose output was damaged or lost
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number"}
+
+
 def _missing(path: Path, writer: str) -> DataError:
-    return DataError(f"{path} is missing: run `dvc repro` (the {writer} stage writes it)")
+    return DataError(f"{path} is missing: {_REPRO} (the {writer} stage writes it)")
 
 
 def _read_json(path: Path, writer: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+            text = handle.read()
+        if not text.strip():
+            raise DataError(f"{path}: the file is empty; {_REPRO} (the {writer} stage writes it)")
+        data = json.loads(text)
     except FileNotFoundError:
         raise _missing(path, writer) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: cannot be read as JSON ({err}); run `dvc repro`") from None
+        raise DataError(f"{path}: cannot be read as JSON ({one_line(err)}); {_REPRO}") from None
     if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        kind = _JSON_KINDS.get(type(data), type(data).__name__)
+        raise DataError(f"{path}: expected a JSON object, got {kind}; {_REPRO}")
     return data
 
 
@@ -136,23 +144,28 @@ def parse_history(text: str, source: str) -> History:
     reader = csv.reader(io.StringIO(text))
     header = next(reader, None)
     if header is None:
-        raise DataError(f"{source}: empty file; run `dvc repro`")
+        raise DataError(f"{source}: the file is empty; {_REPRO}")
     absent = [column for column in _HISTORY_COLUMNS if column not in header]
     if absent:
+        shown = one_line(", ".join(header), 80)
         raise DataError(
-            f"{source}: missing column(s) {', '.join(absent)}; the header has {', '.join(header)}"
+            f"{source}: missing column(s) {', '.join(absent)}; the header has {shown}; {_REPRO}"
         )
     values: dict[str, list[float]] = {column: [] for column in header}
     for line, row in enumerate(reader, start=2):
         if len(row) != len(header):
-            raise DataError(f"{source}: line {line} has {len(row)} cells, the header {len(header)}")
+            raise DataError(
+                f"{source}: line {line} has {len(row)} cells, the header {len(header)}; {_REPRO}"
+            )
         try:
             for column, cell in zip(header, row, strict=True):
                 values[column].append(_cell(cell))
         except ValueError:
-            raise DataError(f"{source}: line {line} holds a value that is not a number") from None
+            raise DataError(
+                f"{source}: line {line} holds a value that is not a number; {_REPRO}"
+            ) from None
     if not values["epoch"]:
-        raise DataError(f"{source}: no epochs recorded; run `dvc repro`")
+        raise DataError(f"{source}: no epochs recorded; {_REPRO}")
     return History(columns=tuple(header), values=values)
 
 
@@ -162,18 +175,24 @@ def _read_history(path: Path) -> History:
     except FileNotFoundError:
         raise _missing(path, "train") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot be read ({err}); run `dvc repro`") from None
+        raise DataError(f"{path}: cannot be read ({one_line(err)}); {_REPRO}") from None
     return parse_history(text, str(path))
 
 
 def load_experiment(name: str) -> ExperimentResult:
-    """Read an experiment's train.json, eval.json and history.csv (relative to the cwd)."""
-    return ExperimentResult(
-        name=name,
-        train=_read_json(paths.train_metrics_path(name), "train"),
-        evaluation=_read_json(paths.eval_metrics_path(name), "evaluate"),
-        history=_read_history(paths.history_path(name)),
-    )
+    """Read an experiment's train.json, eval.json and history.csv (relative to the cwd);
+    history.csv must hold as many epochs as train.json says its first run ran (a file cut
+    at a line end is still a well-formed CSV)."""
+    train = _read_json(paths.train_metrics_path(name), "train")
+    evaluation = _read_json(paths.eval_metrics_path(name), "evaluate")
+    history = _read_history(paths.history_path(name))
+    epochs = train.get("epochs_run")
+    if isinstance(epochs, int | float) and epochs != len(history.values["epoch"]):
+        raise DataError(
+            f"{paths.history_path(name)}: holds {len(history.values['epoch'])} epochs but "
+            f"{paths.train_metrics_path(name)} says the run ran {epochs}; {_REPRO}"
+        )
+    return ExperimentResult(name=name, train=train, evaluation=evaluation, history=history)
 
 
 def experiment_names(params: Params, root: Path = Path(".")) -> list[str]:
@@ -195,7 +214,7 @@ def dataset_name(meta: Mapping[str, Any]) -> str:
     for key in ("dataset", "name"):
         if isinstance(meta.get(key), str):
             return str(meta[key])
-    raise DataError(f"{paths.meta_path()}: has no 'dataset' name; run `dvc repro`")
+    raise DataError(f"{paths.meta_path()}: has no 'dataset' name; {_REPRO}")
 
 
 # ------------------------------------------------------------------------ summary
@@ -204,18 +223,19 @@ def dataset_name(meta: Mapping[str, Any]) -> str:
 def _number(data: Mapping[str, Any], key: str, source: str) -> float:
     value = data.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise DataError(f"{source}: '{key}' is {value!r}, expected a finite number")
+        shown = one_line(repr(value), 60)
+        raise DataError(f"{source}: '{key}' is {shown}, expected a finite number; {_REPRO}")
     return float(value)
 
 
 def _runs(train: Mapping[str, Any], source: str) -> list[Mapping[str, Any]]:
     runs = train.get("runs", [train])
     if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) for r in runs):
-        raise DataError(f"{source}: 'runs' must be a non-empty list of objects")
+        raise DataError(f"{source}: 'runs' must be a non-empty list of objects; {_REPRO}")
     for run in runs:
         absent = [key for key in _RUN_KEYS if key not in run]
         if absent:
-            raise DataError(f"{source}: a run lacks {', '.join(absent)}; run `dvc repro`")
+            raise DataError(f"{source}: a run lacks {', '.join(absent)}; {_REPRO}")
     return runs
 
 
@@ -235,8 +255,7 @@ def _ensemble_size(evaluation: Mapping[str, Any], runs: int, source: str) -> int
     size = evaluation.get("ensemble_size", 1)
     if isinstance(size, bool) or not isinstance(size, int) or size < 1 or runs % size:
         raise DataError(
-            f"{source}: ensemble_size {size!r} does not divide the {runs} trained runs; "
-            "run `dvc repro`"
+            f"{source}: ensemble_size {size!r} does not divide the {runs} trained runs; {_REPRO}"
         )
     return size
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from deepopt import paths, tracking
-from deepopt.config import Params, resolve_run
+from deepopt.config import Params, resolve_run, run_name
 from deepopt.data import image_shape, load_prepared, normalize
 from deepopt.evaluation import (
     check_runs_exist,
@@ -35,7 +35,7 @@ def main(
     overrides: Path | None = None,
     **_: object,
 ) -> dict[str, Any]:
-    name = experiment or paths.BASE_EXPERIMENT
+    name = run_name(experiment, overrides, paths.BASE_EXPERIMENT)  # checked: a path part
     config = resolve_run(params, experiment, overrides)  # the config train used
     plots = paths.plots_dir(name)
     check_writable(

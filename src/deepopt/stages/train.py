@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from deepopt import paths, tracking
-from deepopt.config import Params, resolve_run
+from deepopt.config import Params, resolve_run, run_name
 from deepopt.data import load_prepared
 from deepopt.files import check_writable, write_json, write_text, write_torch
 from deepopt.training import distributed
@@ -25,7 +25,7 @@ def main(
     overrides: Path | None = None,
     **_: object,
 ) -> dict[str, Any]:
-    name = experiment or (Path(overrides).stem if overrides else paths.BASE_EXPERIMENT)
+    name = run_name(experiment, overrides, paths.BASE_EXPERIMENT)  # checked: a path part
     config = resolve_run(params, experiment, overrides)
     # Under torchrun: one of WORLD_SIZE processes; only rank 0 writes and records.
     parallel = distributed.join_from_env(config.train.sync_batchnorm)

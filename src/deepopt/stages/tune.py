@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from deepopt.config import Params
+from deepopt.config import Params, check_name
+from deepopt.config.limits import MAX_TRIALS
 from deepopt.errors import ConfigError
 from deepopt.tuning import (
     announce,
@@ -41,8 +42,10 @@ def main(
     in this process or ``tune.workers`` worker processes; unless ``worker``, write
     params/best.yaml. ``parent_run`` and the rest are set by a session for its workers."""
     total = params.tune.n_trials if n_trials is None else n_trials
-    if total < 1:
-        raise ConfigError(f"--n-trials: {total} must be at least 1")
+    if not 1 <= total <= MAX_TRIALS:
+        raise ConfigError(f"--n-trials: {total} must be at least 1 and at most {MAX_TRIALS}")
+    if study_name is not None:
+        check_name(study_name, "--study-name")  # a path part: checkpoints/tune/<study>/
     url = parse_storage_url(
         storage or params.tune.storage, "--storage" if storage else "tune.storage"
     )

@@ -9,6 +9,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import mlflow
+import sqlalchemy.exc
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -151,10 +153,65 @@ def _prepare_sqlite(uri: str, root: Path) -> str:
         # so the first use of the store in each process is serialized across processes.
         with open(db_file.parent / f".{db_file.name}.init-lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            _call(f"open store {uri}", lambda: MlflowClient(uri).search_experiments(max_results=1))
+            _check_store_file(db_file)
+            try:
+                _call(
+                    f"open store {uri}",
+                    lambda: MlflowClient(uri).search_experiments(max_results=1),
+                )
+            except TrackingError as err:
+                cause = err.__cause__
+                if isinstance(cause, sqlalchemy.exc.DatabaseError):
+                    raise _unusable_store(db_file, _db_problem(cause)) from None
+                raise
             _enable_wal(db_file)
         _artifact_roots[uri] = artifacts
     return uri
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working folder when it is inside it (as the user names it)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _unusable_store(db_file: Path, problem: str) -> TrackingError:
+    return TrackingError(
+        f"{_shown(db_file)} is not a usable MLflow store ({problem}); move it aside and rerun, "
+        "or point MLFLOW_TRACKING_URI elsewhere"
+    )
+
+
+def _db_problem(err: BaseException) -> str:
+    """SQLite's own words for a damaged database (without SQLAlchemy's SQL and links)."""
+    return one_line(getattr(err, "orig", None) or err, 200)
+
+
+def _check_store_file(db_file: Path) -> None:
+    """Refuse a file that is not an MLflow sqlite store before MLflow touches it: not a
+    database, a damaged one, or a database of something else (MLflow would add its tables
+    to it). A missing or empty file becomes a new store (an empty one with a warning)."""
+    if not db_file.exists():
+        return
+    if db_file.stat().st_size == 0:
+        print(
+            f"deepopt: warning: {_shown(db_file)} is empty: a new MLflow store is created in it",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(db_file, timeout=20.0)) as db:
+            tables = {
+                row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+    except sqlite3.Error as err:
+        raise _unusable_store(db_file, one_line(err, 200)) from None
+    if tables and not {"experiments", "runs"} <= tables:
+        listed = ", ".join(sorted(tables)[:4]) + (", ..." if len(tables) > 4 else "")
+        raise _unusable_store(db_file, f"a sqlite database of something else: tables {listed}")
 
 
 def _enable_wal(db_file: Path) -> None:
@@ -193,3 +250,6 @@ def _call(what: str, action: Callable[[], _T]) -> _T:
         return retry(attempt, transient=_is_locked, delays_s=_LOCKED_RETRY_DELAYS_S)
     except (MlflowException, OSError) as err:
         raise TrackingError(f"MLflow {what} failed ({_tracking_uri}): {one_line(err)}") from err
+    except sqlalchemy.exc.SQLAlchemyError as err:  # MLflow passes some database errors on
+        problem = _db_problem(err)
+        raise TrackingError(f"MLflow {what} failed ({_tracking_uri}): {problem}") from err

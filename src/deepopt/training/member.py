@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepopt import paths, tracking
+from deepopt import files, paths, tracking
 from deepopt.config import RunConfig
 from deepopt.data import PreparedData, normalize
 from deepopt.errors import DivergedError
 from deepopt.models import build_model, set_portable_layout, set_training_layout
 from deepopt.optim import build_optimizer, build_schedule
-from deepopt.training.checkpoint import checkpoint_file, load_checkpoint, save_checkpoint
+from deepopt.training.checkpoint import checkpoint_file, resume_checkpoint, save_checkpoint
 from deepopt.training.distributed import ProcessGroup
 from deepopt.training.early_stopping import EarlyStopping
 from deepopt.training.loop import FitResult, LoopState, fit, steps_per_epoch
@@ -123,83 +123,92 @@ def train_tracked(
     pruning hook raises from it). With ``parallel`` this is rank 0 of a torchrun job; the
     other processes run ``follow_member`` alongside. ``setup`` takes the freshly built network
     (e.g. loads pretrained weights, freezes layers) and returns the optimizer's param groups.
+    Another process training into ``checkpoint_dir`` at the same time is refused at once
+    (LockedError, exit 1): never two writers of one checkpoint.
     """
     world_size = parallel.world_size if parallel is not None else 1
-    path = checkpoint_file(checkpoint_dir, config, member.seed, data_meta["digest"], world_size)
-    saved = load_checkpoint(path)
-    previous_run = saved.get("run_id") if saved else None
-    if previous_run is not None and not tracking.run_exists(previous_run):
-        previous_run = None  # not in this store (deleted, another store): a new run
-    if saved is not None and saved.get("finished"):
-        if previous_run is not None:
-            _share_start(parallel, saved)
-            # Trained before with this config, seed and data: the same network again, and
-            # its MLflow run stays as it ended.
-            model = _new_model(config, tensors, data_meta)
-            model.load_state_dict(_kept_weights(saved["loop"], config))
-            result = _finished_result(saved["loop"], config)
-            return MemberResult(member=member, run_id=previous_run, fit=result, model=model)
-        saved = None  # its run is gone: train anew and record a complete run
-    _share_start(parallel, saved)
-    run_id = tracking.start_run(
-        experiment_id,
-        run_name,
-        run_id=previous_run,
-        parent_run_id=parent_run_id,
-        tags={
-            **(tags or {}),
-            "seed": str(member.seed),
-            "member": str(member.index),
-            "replica": str(member.replica),
-        },
-    )
-
-    latest: list[LoopState] = []  # the state after the last epoch trained here
-
-    def after_epoch(state: LoopState) -> None:
-        latest[:] = [state]
-        save_checkpoint(path, {"loop": state.to_dict(), "run_id": run_id, "finished": False})
-        record = state.history[-1]
-        tracking.log_epoch(
-            run_id, state.epochs_done - 1, {k: v for k, v in record.items() if k != "epoch"}
+    # One process at a time trains into a checkpoint folder (another refuses at once).
+    with files.exclusive(
+        paths.checkpoint_lock(checkpoint_dir),
+        holder=f"training {run_name} seed {member.seed}",
+        busy=f"cannot train {run_name} into {checkpoint_dir}",
+    ):
+        path = checkpoint_file(checkpoint_dir, config, member.seed, data_meta["digest"], world_size)
+        # A damaged checkpoint is set aside (a warning): the member trains from the start.
+        saved = resume_checkpoint(path, lambda: _new_model(config, tensors, data_meta).state_dict())
+        previous_run = saved.get("run_id") if saved else None
+        if previous_run is not None and not tracking.run_exists(previous_run):
+            previous_run = None  # not in this store (deleted, another store): a new run
+        if saved is not None and saved.get("finished"):
+            if previous_run is not None:
+                _share_start(parallel, saved)
+                # Trained before with this config, seed and data: the same network again, and
+                # its MLflow run stays as it ended.
+                model = _new_model(config, tensors, data_meta)
+                model.load_state_dict(_kept_weights(saved["loop"], config))
+                result = _finished_result(saved["loop"], config)
+                return MemberResult(member=member, run_id=previous_run, fit=result, model=model)
+            saved = None  # its run is gone: train anew and record a complete run
+        _share_start(parallel, saved)
+        run_id = tracking.start_run(
+            experiment_id,
+            run_name,
+            run_id=previous_run,
+            parent_run_id=parent_run_id,
+            tags={
+                **(tags or {}),
+                "seed": str(member.seed),
+                "member": str(member.index),
+                "replica": str(member.replica),
+            },
         )
-        progress(state)
-        if on_epoch is not None:
-            on_epoch(state)
 
-    # From here on every way out ends the run (KILLED on Ctrl-C/SIGTERM): none stays RUNNING.
-    with tracking.ending_run(run_id):
-        tracking.log_params(run_id, {**config.model_dump(mode="json"), "seed": member.seed})
-        images, labels = tensors["train"]
-        tracking.log_dataset(
-            run_id,
-            f"{config.data.name}-train",
-            images.numpy(),
-            labels.numpy(),
-            source=str(paths.prepared_split_path("train")),
-            digest=data_meta["digest"][:36],
-        )
-        start = LoopState.from_dict(saved["loop"]) if saved else None
-        if start is not None:
-            _relog_missing_epochs(run_id, start.history)
+        latest: list[LoopState] = []  # the state after the last epoch trained here
 
-        progress = _progress(f"{run_name} seed {member.seed}", config.train.epochs)
-        model, result = fit_member(
-            config, tensors, data_meta, member.seed, start, after_epoch, parallel, setup
-        )
-        if result.stop_reason == "diverged":
-            reason = f"loss became NaN/inf in epoch {result.epochs_run + 1}"
-            tracking.set_tags(run_id, {"stop_reason": "diverged"})
-            tracking.end_run(run_id, "FAILED", reason=reason)
-            raise DivergedError(
-                f"{run_name} (seed {member.seed}) diverged: {reason}; try a lower optim.lr"
+        def after_epoch(state: LoopState) -> None:
+            latest[:] = [state]
+            save_checkpoint(path, {"loop": state.to_dict(), "run_id": run_id, "finished": False})
+            record = state.history[-1]
+            tracking.log_epoch(
+                run_id, state.epochs_done - 1, {k: v for k, v in record.items() if k != "epoch"}
             )
-        _log_run_end(run_id, config, model, result, tensors["val"][0][:5])
-        # The whole last state (optimizer and RNGs too): a tune retry can continue it.
-        final = latest[0] if latest else start
-        loop = final.to_dict() if final is not None else _final_state(result, model)
-        save_checkpoint(path, {"loop": loop, "run_id": run_id, "finished": True})
-    return MemberResult(member=member, run_id=run_id, fit=result, model=model)
+            progress(state)
+            if on_epoch is not None:
+                on_epoch(state)
+
+        # From here on every way out ends the run (KILLED on Ctrl-C/SIGTERM): none stays RUNNING.
+        with tracking.ending_run(run_id):
+            tracking.log_params(run_id, {**config.model_dump(mode="json"), "seed": member.seed})
+            images, labels = tensors["train"]
+            tracking.log_dataset(
+                run_id,
+                f"{config.data.name}-train",
+                images.numpy(),
+                labels.numpy(),
+                source=str(paths.prepared_split_path("train")),
+                digest=data_meta["digest"][:36],
+            )
+            start = LoopState.from_dict(saved["loop"]) if saved else None
+            if start is not None:
+                _relog_missing_epochs(run_id, start.history)
+
+            progress = _progress(f"{run_name} seed {member.seed}", config.train.epochs)
+            model, result = fit_member(
+                config, tensors, data_meta, member.seed, start, after_epoch, parallel, setup
+            )
+            if result.stop_reason == "diverged":
+                reason = f"loss became NaN/inf in epoch {result.epochs_run + 1}"
+                tracking.set_tags(run_id, {"stop_reason": "diverged"})
+                tracking.end_run(run_id, "FAILED", reason=reason)
+                raise DivergedError(
+                    f"{run_name} (seed {member.seed}) diverged: {reason}; try a lower optim.lr"
+                )
+            _log_run_end(run_id, config, model, result, tensors["val"][0][:5])
+            # The whole last state (optimizer and RNGs too): a tune retry can continue it.
+            final = latest[0] if latest else start
+            loop = final.to_dict() if final is not None else _final_state(result, model)
+            save_checkpoint(path, {"loop": loop, "run_id": run_id, "finished": True})
+        return MemberResult(member=member, run_id=run_id, fit=result, model=model)
 
 
 def fit_member(

@@ -69,10 +69,10 @@ def open_tuning(
     tune_dir = paths.checkpoint_dir(base.train.checkpoint_dir, "tune")
     # Before the study: it must not run for hours and then fail to write its result.
     check_writable(*([] if worker else [BEST_PARAMS]), tune_dir / "claim.lock")
+    data = load_prepared(base.data, base.seed)  # before the storage: it may create a file
     storage = open_storage(url, tune)
     experiment = tune.experiment or BASE_EXPERIMENT
     start = trial_config(base, {}, tune)
-    data = load_prepared(base.data, base.seed)
     name = study_name or tune.study_name
     name = name or derive_study_name(experiment, tune.space, start, data.meta["digest"])
     tracking.configure()

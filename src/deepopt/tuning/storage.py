@@ -6,9 +6,11 @@ Every storage URL (params.yaml's ``tune.storage``, ``--storage``) goes through
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import fcntl
 import hashlib
+import sqlite3
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ from optuna.trial import TrialState
 
 from deepopt.config import StorageUrl, TuneConfig, check_storage_url
 from deepopt.errors import ConfigError, DeepoptError, one_line
+from deepopt.files import FileLock
 from deepopt.retry import retry
 
 __all__ = [
@@ -94,6 +97,7 @@ def open_storage(
         except OSError as err:
             folder = f"cannot create the folder of its file ({err.strerror or err})"
             raise DeepoptError(f"Optuna storage {parsed.url}: {folder}") from None
+        _check_storage_file(parsed.file, key)
         # Writers (workers, heartbeats) wait for the file lock instead of failing after 5 s.
         engine_kwargs["connect_args"] = {"timeout": 60}
     shown = sqlalchemy.engine.make_url(parsed.url).render_as_string(hide_password=True)
@@ -117,9 +121,54 @@ def open_storage(
 
     try:
         storage = retry(connect, transient=schema_race, delays_s=_SCHEMA_RACE_DELAYS_S)
+    except sqlalchemy.exc.DatabaseError as err:
+        if parsed.file is not None:  # a damaged sqlite file
+            problem = one_line(getattr(err, "orig", None) or err, 200)
+            raise _unusable_storage(parsed.file, problem, key) from None
+        raise DeepoptError(f"Optuna storage {shown} cannot be opened: {one_line(err)}") from None
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
         raise DeepoptError(f"Optuna storage {shown} cannot be opened: {one_line(err)}") from None
     return StudyStorage(storage, True, shown)
+
+
+# Optuna's own tables (its alembic_version aside, which MLflow's stores have too).
+_OPTUNA_TABLES = frozenset(
+    ("studies", "study_directions", "trials", "trial_params", "trial_values", "version_info")
+)
+
+
+def _unusable_storage(file: Path, problem: str, key: str) -> DeepoptError:
+    return DeepoptError(
+        f"{file} is not a usable Optuna storage ({problem}); move it aside and rerun, or set "
+        f"{key} to another file"
+    )
+
+
+def _check_storage_file(file: Path, key: str) -> None:
+    """Refuse a sqlite file that is not an Optuna storage before Optuna touches it: not a
+    database, a damaged one, or a database of something else (Optuna would add its tables
+    to it). A missing or empty file becomes a new storage (an empty one with a warning)."""
+    if not file.exists():
+        return
+    if file.stat().st_size == 0:
+        print(
+            f"deepopt: warning: {file} is empty: a new Optuna storage is created in it",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(file, timeout=60.0)) as db:
+            tables = {
+                row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+    except sqlite3.Error as err:
+        raise _unusable_storage(file, one_line(err, 200), key) from None
+    # While another worker creates the tables, some of Optuna's are there already.
+    if tables and not tables & _OPTUNA_TABLES:
+        listed = ", ".join(sorted(tables)[:4]) + (", ..." if len(tables) > 4 else "")
+        problem = f"a sqlite database of something else: tables {listed}"
+        raise _unusable_storage(file, problem, key)
 
 
 def requeue(study: optuna.Study, number: int) -> None:
@@ -147,30 +196,13 @@ def fail_stale(study: optuna.Study, storage: StudyStorage) -> None:
             optuna.storages.fail_stale_trials(study)
 
 
-class ClaimLock:
+class ClaimLock(FileLock):
     """An exclusive lock file: one worker of this machine at a time counts the study's
-    trials and creates the next one. Released by the objective once its trial exists."""
+    trials and creates the next one (waiting for the others). Released by the objective
+    once its trial exists."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._path = path
-        self._handle: Any = None
-
-    def __enter__(self) -> ClaimLock:
-        self._handle = open(self._path, "a")  # closed in release()
-        fcntl.flock(self._handle, fcntl.LOCK_EX)
-        return self
-
-    def release(self) -> None:
-        if self._handle is not None:
-            fcntl.flock(self._handle, fcntl.LOCK_UN)
-            self._handle.close()
-            self._handle = None
-
-    def __exit__(
-        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.release()
+        super().__init__(path, wait=True)
 
 
 class DatabaseClaimLock:

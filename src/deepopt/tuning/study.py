@@ -15,6 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from deepopt import tracking
 from deepopt.config import Params, RunConfig, TuneConfig
+from deepopt.config.loading import TUNE_OVERRIDES_END, TUNE_OVERRIDES_HEADER
 from deepopt.errors import ConfigError, DeepoptError
 from deepopt.files import write_text
 from deepopt.paths import BEST_PARAMS
@@ -172,10 +173,11 @@ def write_best(
     overrides = best_overrides(params, config, final_fit=tune.final_fit, epochs_run=epochs_run)
     monitor = base.early_stop.monitor
     header = (
-        f"# Written by `deepopt tune`: trial {best.number} of study {study.study_name}\n"
+        f"{TUNE_OVERRIDES_HEADER}: trial {best.number} of study {study.study_name}\n"
         f"# ({storage.shown}), {monitor} {best.value:.6g} after {epochs_run} epochs; the\n"
         f"# overrides of the base config for `deepopt train --overrides` "
         f"(tune.final_fit: {tune.final_fit}).\n"
     )
-    write_text(BEST_PARAMS, header + yaml.safe_dump(overrides, sort_keys=False))
+    body = yaml.safe_dump(overrides, sort_keys=False)
+    write_text(BEST_PARAMS, f"{header}{body}{TUNE_OVERRIDES_END}\n")  # the end: none cut short
     return best, overrides
