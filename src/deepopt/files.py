@@ -36,6 +36,7 @@ __all__ = [
     "check_writable",
     "exclusive",
     "load_torch",
+    "sqlite_file_tables",
     "write_bytes",
     "write_json",
     "write_text",
@@ -326,3 +327,28 @@ def load_torch(path: str | Path, *, mmap: bool = False) -> Any:
             raise UnreadableFileError(path, _UNSAFE) from None
         problem = f"damaged or truncated: {one_line(first.split('. ')[0], 160)}"
         raise UnreadableFileError(path, problem) from None
+
+
+def sqlite_file_tables(
+    file: Path, *, timeout_s: float, what: str, shown: str | None = None
+) -> tuple[set[str], str] | None:
+    """The tables of an existing sqlite store ``file`` and a short listing of them, read
+    before MLflow or Optuna touch it (either would add its tables to any database); None
+    for no file or an empty one (sqlite makes a new database of it: warned about, as
+    ``what``, the file named as ``shown``). A damaged file or one that is no database:
+    ``sqlite3.Error``."""
+    import contextlib
+    import sqlite3
+    import sys
+
+    if not file.exists():
+        return None
+    if file.stat().st_size == 0:
+        name = shown or str(file)
+        print(f"deepopt: warning: {name} is empty: a new {what} is created in it", file=sys.stderr)
+        return None
+    with contextlib.closing(sqlite3.connect(file, timeout=timeout_s)) as db:
+        rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        tables = {row[0] for row in rows}
+    listed = ", ".join(sorted(tables)[:4]) + (", ..." if len(tables) > 4 else "")
+    return tables, listed

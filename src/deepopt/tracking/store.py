@@ -9,7 +9,6 @@ import fcntl
 import logging
 import os
 import sqlite3
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,6 +23,7 @@ from mlflow.exceptions import MlflowException
 
 from deepopt import interrupts, paths
 from deepopt.errors import TrackingError, one_line
+from deepopt.files import sqlite_file_tables
 from deepopt.retry import retry
 
 __all__ = ["PROBE_TIMEOUT_S", "artifact_location", "configure", "configured_uri"]
@@ -193,24 +193,16 @@ def _check_store_file(db_file: Path) -> None:
     """Refuse a file that is not an MLflow sqlite store before MLflow touches it: not a
     database, a damaged one, or a database of something else (MLflow would add its tables
     to it). A missing or empty file becomes a new store (an empty one with a warning)."""
-    if not db_file.exists():
-        return
-    if db_file.stat().st_size == 0:
-        print(
-            f"deepopt: warning: {_shown(db_file)} is empty: a new MLflow store is created in it",
-            file=sys.stderr,
-            flush=True,
-        )
-        return
     try:
-        with contextlib.closing(sqlite3.connect(db_file, timeout=20.0)) as db:
-            tables = {
-                row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            }
+        found = sqlite_file_tables(
+            db_file, timeout_s=20.0, what="MLflow store", shown=_shown(db_file)
+        )
     except sqlite3.Error as err:
         raise _unusable_store(db_file, one_line(err, 200)) from None
+    if found is None:
+        return
+    tables, listed = found
     if tables and not {"experiments", "runs"} <= tables:
-        listed = ", ".join(sorted(tables)[:4]) + (", ..." if len(tables) > 4 else "")
         raise _unusable_store(db_file, f"a sqlite database of something else: tables {listed}")
 
 

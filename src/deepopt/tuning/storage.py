@@ -6,11 +6,9 @@ Every storage URL (params.yaml's ``tune.storage``, ``--storage``) goes through
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import sqlite3
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ from optuna.trial import TrialState
 
 from deepopt.config import StorageUrl, TuneConfig, check_storage_url
 from deepopt.errors import ConfigError, DeepoptError, one_line
-from deepopt.files import FileLock
+from deepopt.files import FileLock, sqlite_file_tables
 from deepopt.retry import retry
 
 __all__ = [
@@ -148,25 +146,15 @@ def _check_storage_file(file: Path, key: str) -> None:
     """Refuse a sqlite file that is not an Optuna storage before Optuna touches it: not a
     database, a damaged one, or a database of something else (Optuna would add its tables
     to it). A missing or empty file becomes a new storage (an empty one with a warning)."""
-    if not file.exists():
-        return
-    if file.stat().st_size == 0:
-        print(
-            f"deepopt: warning: {file} is empty: a new Optuna storage is created in it",
-            file=sys.stderr,
-            flush=True,
-        )
-        return
     try:
-        with contextlib.closing(sqlite3.connect(file, timeout=60.0)) as db:
-            tables = {
-                row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            }
+        found = sqlite_file_tables(file, timeout_s=60.0, what="Optuna storage")
     except sqlite3.Error as err:
         raise _unusable_storage(file, one_line(err, 200), key) from None
+    if found is None:
+        return
+    tables, listed = found
     # While another worker creates the tables, some of Optuna's are there already.
     if tables and not tables & _OPTUNA_TABLES:
-        listed = ", ".join(sorted(tables)[:4]) + (", ..." if len(tables) > 4 else "")
         problem = f"a sqlite database of something else: tables {listed}"
         raise _unusable_storage(file, problem, key)
 
