@@ -6,6 +6,7 @@ Run from the repository root (the README shows the latest table and the command)
     .venv/bin/python benchmarks/bench_train.py                # everything, ~12 min on 2 cores
     .venv/bin/python benchmarks/bench_train.py --quick        # the epoch table only, ~1 min
     .venv/bin/python benchmarks/bench_train.py --only epoch,eval --epochs 7
+    python benchmarks/bench_train.py --device cuda              # the GPU check (gpu_check.sh)
 
 Sections (``--only``; default all): ``peak`` (fp32/bf16 matmul GFLOP/s), ``epoch`` (the
 contenders below), ``eval`` (the 10,000 test images), ``speedrun`` (time to 91 % test
@@ -86,6 +87,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--speedrun", type=Path, default=SPEEDRUN_FILE)
     parser.add_argument("--speedrun-seeds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder of the JSON results")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default: the sections above) or cuda / cuda:N / mps: the GPU check of "
+        "bench/gpu.py (deepopt vs a bare loop, the lecture epoch, the speedrun; no MLflow)",
+    )
     args = parser.parse_args(argv)
     sections = SECTIONS if not args.only else tuple(s.strip() for s in args.only.split(","))
     if args.quick and not args.only:
@@ -127,6 +134,10 @@ def base_config(args: argparse.Namespace) -> RunConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.device != "cpu":
+        from bench.gpu import run
+
+        return run(args, base_config(args))
     # Imported here: ``--help`` needs neither torch nor deepopt.
     import os
     import time

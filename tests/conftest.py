@@ -22,6 +22,18 @@ REPO = Path(__file__).resolve().parents[1]
 settings.register_profile("long", max_examples=3000, deadline=None)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` (tests/cuda/, benchmarks/gpu_check.sh) skip without a CUDA GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture()
 def base_params() -> dict[str, Any]:
     """The repository's params.yaml as plain data (tests shrink it, never mock it)."""

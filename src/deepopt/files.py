@@ -298,9 +298,10 @@ def _damage(path: Path) -> str | None:
     return None
 
 
-def load_torch(path: str | Path, *, mmap: bool = False) -> Any:
+def load_torch(path: str | Path, *, mmap: bool = False, map_location: str = "cpu") -> Any:
     """``torch.load`` with ``weights_only=True`` on the CPU: a file is never unpickled with
-    code execution, and a GPU-written file loads anywhere.
+    code execution, and a GPU-written file loads anywhere (``map_location``, default the
+    CPU: the caller moves what it needs to its device).
 
     FileNotFoundError passes through (the caller says what is missing and what makes it);
     any other failure is an ``UnreadableFileError`` with a one-line problem. torch's own text
@@ -318,7 +319,7 @@ def load_torch(path: str | Path, *, mmap: bool = False) -> Any:
         with warnings.catch_warnings():
             # torch warns about an unusual pickle protocol before refusing it.
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (FileNotFoundError, UnreadableFileError):
         raise
     except Exception as err:  # torch raises several types for a corrupt archive

@@ -269,6 +269,14 @@ def test_run_tags_without_git_say_unknown(tmp_path: Path, monkeypatch: pytest.Mo
     assert len(tags["data_digest"]) == 64  # no digest in meta: a sha256 of meta itself
 
 
+def test_run_tags_name_the_cpu_device_and_no_cuda_versions(tmp_path: Path) -> None:
+    tags = tracking.run_tags(dataset="mnist", cwd=tmp_path, device=torch.device("cpu"))
+    assert tags["device"] == "cpu"
+    assert tags["device_name"]  # the CPU's model
+    assert "cuda_version" not in tags and "cudnn_version" not in tags
+    assert "device" not in tracking.run_tags(dataset="mnist", cwd=tmp_path)  # none given
+
+
 # ---------------------------------------------------------------------------------------
 # Run lifecycle
 
@@ -348,6 +356,72 @@ def test_end_run_refuses_an_unknown_status(store: Path) -> None:
     run_id = tracking.start_run(tracking.ensure_experiment("lecture"), "base")
     with pytest.raises(ValueError, match="FINISHED, FAILED or KILLED"):
         tracking.end_run(run_id, "DONE")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------
+# System metrics (mlflow.system_metrics)
+
+SAMPLING_S = 0.2  # seconds between samples here (MLflow's default is 10)
+
+
+def _system_steps(run_id: str) -> dict[str, list[int]]:
+    """Each system/* metric of the run and the steps it was logged at."""
+    client = _client()
+    keys = [key for key in client.get_run(run_id).data.metrics if key.startswith("system/")]
+    return {key: sorted(m.step for m in client.get_metric_history(run_id, key)) for key in keys}
+
+
+def test_system_metrics_sample_the_machine_into_the_run(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's sampling interval variable sets how often: a 1 s run gets several samples."""
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", str(SAMPLING_S))
+    experiment_id = tracking.ensure_experiment("lecture")
+    with (
+        tracking.tracked_run(experiment_id, "base") as run_id,
+        tracking.system_metrics(run_id, True),
+    ):
+        time.sleep(5 * SAMPLING_S)
+    steps = _system_steps(run_id)
+    assert "system/cpu_utilization_percentage" in steps, sorted(steps)
+    assert "system/system_memory_usage_megabytes" in steps
+    cpu = steps["system/cpu_utilization_percentage"]
+    assert cpu[0] == 0 and cpu == list(range(len(cpu))) and len(cpu) >= 2
+    assert tracking.run_status(run_id) == "FINISHED"
+
+
+def test_system_metrics_of_a_resumed_run_continue_its_steps(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)
+    experiment_id = tracking.ensure_experiment("lecture")
+    run_id = tracking.start_run(experiment_id, "base")
+    with (
+        tracking.ending_run(run_id),
+        tracking.system_metrics(run_id, True, sampling_interval=SAMPLING_S),
+    ):
+        time.sleep(3 * SAMPLING_S)
+    first = _system_steps(run_id)["system/cpu_utilization_percentage"]
+    tracking.start_run(experiment_id, "base", run_id=run_id)
+    with (
+        tracking.ending_run(run_id),
+        tracking.system_metrics(run_id, True, sampling_interval=SAMPLING_S),
+    ):
+        time.sleep(3 * SAMPLING_S)
+    both = _system_steps(run_id)["system/cpu_utilization_percentage"]
+    assert first and both == list(range(len(both))) and len(both) > len(first)
+
+
+def test_system_metrics_off_log_nothing(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", str(SAMPLING_S))
+    experiment_id = tracking.ensure_experiment("lecture")
+    with (
+        tracking.tracked_run(experiment_id, "base") as run_id,
+        tracking.system_metrics(run_id, False),
+    ):
+        time.sleep(3 * SAMPLING_S)
+    assert _system_steps(run_id) == {}
+    assert not [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor"]
 
 
 # ---------------------------------------------------------------------------------------

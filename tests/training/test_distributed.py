@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,8 +23,17 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from deepopt import cli
+from deepopt.errors import ConfigError
 from deepopt.training import steps_per_epoch
-from deepopt.training.distributed import GlobalBatchNorm, ProcessGroup, synchronize_batchnorm
+from deepopt.training.distributed import (
+    GlobalBatchNorm,
+    ProcessGroup,
+    backend_for,
+    check_parallel_device,
+    join_from_env,
+    local_device,
+    synchronize_batchnorm,
+)
 
 JOB_TIMEOUT_S = 300
 
@@ -103,6 +113,50 @@ def test_shards_split_a_global_batch_and_weigh_losses_to_its_mean() -> None:
     assert ProcessGroup(rank=0, world_size=3, local_rank=0).shard(torch.arange(2)) is None
     assert steps_per_epoch(450, 25, 2) == 9 and steps_per_epoch(451, 25, 2) == 9
     assert steps_per_epoch(452, 25, 2) == 10 and steps_per_epoch(451, 50) == 10
+
+
+def test_backend_is_gloo_on_the_cpu_and_nccl_for_cuda_devices() -> None:
+    assert backend_for(torch.device("cpu")) == "gloo"  # as before the device setting
+    assert backend_for(torch.device("mps")) == "gloo"
+    # Selection only: no GPU is needed to pick the backend for a CUDA device.
+    nccl = "nccl" if dist.is_nccl_available() else "gloo"
+    assert backend_for(torch.device("cuda")) == backend_for(torch.device("cuda", 3)) == nccl
+
+
+def test_each_process_takes_the_gpu_of_its_local_rank() -> None:
+    for device in (torch.device("cuda"), torch.device("cuda", 0)):
+        assert [local_device(device, rank) for rank in range(4)] == [
+            torch.device("cuda", rank) for rank in range(4)
+        ]
+    assert local_device(torch.device("cpu"), 3) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("device", ["cuda:1", "mps"])
+def test_a_device_the_processes_cannot_share_is_a_one_line_config_error(device: str) -> None:
+    expected = re.escape(f"train.device '{device}' with torchrun")
+    with pytest.raises(ConfigError, match=expected) as caught:
+        check_parallel_device(device, world_size=2)
+    assert "\n" not in str(caught.value)
+    check_parallel_device(device, world_size=1)  # one process: the device is its own
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda"])
+def test_devices_without_an_index_are_shared_by_rank(device: str) -> None:
+    check_parallel_device(device, world_size=4)
+
+
+def test_join_refuses_a_named_gpu_before_joining(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK; set train\.device to cuda or auto"):
+        join_from_env(device="cuda:0")
+    assert not dist.is_initialized()
+
+
+def test_one_process_joins_no_group_whatever_its_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert join_from_env(device="cuda:1") is None  # the device is resolved by the stage
+    assert ProcessGroup(rank=0, world_size=2, local_rank=0).device == torch.device("cpu")
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -33,6 +34,8 @@ def _run(
     stop_after: int | None = None,
     dropout: float = 0.2,
     diagnostics: bool = False,
+    precision: str = "fp32",
+    device: torch.device | None = None,
 ) -> tuple[Any, list[LoopState]]:
     torch.manual_seed(0)
     model = build_model(
@@ -64,6 +67,8 @@ def _run(
         diagnostics=diagnostics,
         start=start,
         on_epoch_end=on_epoch_end,
+        precision=precision,
+        device=device,
     )
     return result, states
 
@@ -75,6 +80,49 @@ def test_same_seed_gives_identical_history() -> None:
     assert [r["loss"] for r in first.history] == [r["loss"] for r in second.history]
     assert first.stop_reason == "max_epochs" and first.epochs_run == 6
     assert first.history[-1]["val_acc"] > 0.5  # it learns
+
+
+# (loss, acc, val_loss, val_acc) of _run(epochs=3) in one torch thread (the sums' order
+# depends on the thread count), recorded with the loop as it was before it learned about
+# devices (commit d0bde44): device cpu must reproduce them to the last digit.
+GOLDEN = {
+    "fp32": [
+        (2.046999931335449, 0.335, 0.9882803559303284, 0.7699999809265137),
+        (0.9930446743965149, 0.82, 0.3662463128566742, 1.0),
+        (0.6014365553855896, 0.9, 0.12221994996070862, 1.0),
+    ],
+    "bf16": [
+        (2.047618865966797, 0.34, 0.9847722053527832, 0.7799999713897705),
+        (0.9966464042663574, 0.82, 0.3635888695716858, 1.0),
+        (0.6008764505386353, 0.9, 0.12056364119052887, 1.0),
+    ],
+}
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("device", [None, torch.device("cpu")], ids=["implicit", "cpu"])
+def test_the_loop_on_the_cpu_gives_the_numbers_it_gave_before_devices(
+    precision: str, device: torch.device | None
+) -> None:
+    result, _ = _run(epochs=3, precision=precision, device=device)
+    got = [(r["loss"], r["acc"], r["val_loss"], r["val_acc"]) for r in result.history]
+    assert got == GOLDEN[precision]
+
+
+def test_a_cpu_state_holds_no_cuda_rng_nor_scaler() -> None:
+    _, states = _run(epochs=1)
+    assert states[-1].cuda_rng is None and states[-1].grad_scaler is None
 
 
 def test_interrupted_run_resumed_from_its_state_matches_an_uninterrupted_one() -> None:

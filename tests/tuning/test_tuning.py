@@ -353,7 +353,7 @@ def test_train_overrides_file_errors_name_the_file(
 
 def test_train_plus_val_fits_on_both_splits(workspace: Callable[..., Path]) -> None:
     from deepopt.data import load_prepared
-    from deepopt.training import normalized_splits
+    from deepopt.training.member import normalized_splits
 
     workspace()
     data = load_prepared(RunConfig().data.model_copy(update={"train_subset": 500}), 4487)

@@ -4,7 +4,13 @@ section (run, tune, transfer) is the single source of defaults; problems are one
 from __future__ import annotations
 
 from deepopt.config.loading import load_overrides, load_params, parse_params, resolve_run
-from deepopt.config.names import NAME_RULE, check_experiment_name, check_name, run_name
+from deepopt.config.names import (
+    DEVICE_CHOICES,
+    NAME_RULE,
+    check_experiment_name,
+    check_name,
+    run_name,
+)
 from deepopt.config.params import (
     Params,
     apply_overrides,
@@ -46,6 +52,7 @@ from deepopt.config.tune import (
 
 __all__ = [
     "DATASET_NAMES",
+    "DEVICE_CHOICES",
     "MODEL_NAMES",
     "NAME_RULE",
     "OPTIMIZER_KNOBS",

@@ -15,9 +15,11 @@ from pathlib import Path
 from deepopt.errors import ConfigError
 
 __all__ = [
+    "DEVICE_CHOICES",
     "NAME_PATTERN",
     "NAME_RULE",
     "RESERVED_EXPERIMENTS",
+    "check_device_spec",
     "check_experiment_name",
     "check_name",
     "name_problem",
@@ -86,3 +88,17 @@ def run_name(experiment: str | None, overrides: str | Path | None, default: str)
         source = f"--overrides {overrides} (its file name names the outputs; or give --experiment)"
         return check_experiment_name(Path(overrides).stem, source)
     return default
+
+
+# train.device: a torch device deepopt can resolve (deepopt.devices checks it is there).
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+_DEVICE_SPEC = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,2})?")
+
+
+def check_device_spec(value: str) -> str:
+    """``value`` if it names a device kind deepopt knows (a ValueError otherwise)."""
+    if not _DEVICE_SPEC.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a device deepopt knows; allowed: {', '.join(DEVICE_CHOICES)}"
+        )
+    return value

@@ -24,6 +24,7 @@ from deepopt.config.limits import (
     MAX_WEIGHT_DECAY,
     MAX_WIDTH,
 )
+from deepopt.config.names import check_device_spec
 
 __all__ = [
     "DATASET_NAMES",
@@ -320,9 +321,15 @@ class TrainConfig(Strict):
     batch_size: int = Field(50, ge=1, le=MAX_BATCH)
     eval_batch_size: int = Field(1000, ge=1, le=MAX_BATCH)
     threads: int | None = Field(None, ge=1, le=MAX_THREADS)  # torch threads; null = all cores
-    # bf16: CPU autocast to bfloat16 (AMX/AVX512-BF16 kernels): ~1.7x faster epochs here,
-    # test accuracy as fp32's (benchmarks/bench_train.py); needs a CPU with bf16 support.
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # auto = CUDA if available, else MPS, else the CPU; one not there is refused at start.
+    device: str = "auto"
+    # bf16: autocast (CPU: AMX/AVX512-BF16 kernels, ~1.7x faster epochs here, accuracy as
+    # fp32's, benchmarks/bench_train.py). fp16: CUDA only, with a gradient scaler.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # CUDA: TF32 matmuls (opt-in; refused with deterministic, which promises fp32 digits).
+    tf32: bool = False
+    # CUDA: deterministic kernels, CUBLAS_WORKSPACE_CONFIG, no cuDNN autotuning.
+    deterministic: bool = True
     ensemble: int = Field(1, ge=1, le=MAX_ENSEMBLE)  # members trained with seeds seed, seed+1, ...
     # Opt-in diagnostics from the lecture: per-layer gradient norms (vanishing gradients)
     # and the fraction of zero ReLU outputs per layer (sparsity).
@@ -335,10 +342,25 @@ class TrainConfig(Strict):
     # each process's shard. batch_size is per process; the global batch is N x batch_size.
     sync_batchnorm: bool = False
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return check_device_spec(value)
+
+    @model_validator(mode="after")
+    def _tf32_not_deterministic(self) -> TrainConfig:
+        if self.tf32 and self.deterministic:
+            # TF32 rounds matmul inputs to 10 bits: fp32's last digits are not reproduced.
+            raise ValueError("tf32: true needs deterministic: false")
+        return self
+
 
 class MlflowConfig(Strict):
     experiment: str = Field("deepopt", min_length=1)
     log_model: bool = True  # mlflow.pytorch.log_model at the end of each run
+    # MLflow's system metrics (CPU, memory, and GPU utilization and memory with nvidia-ml-py)
+    # sampled into each training run as system/* metrics: opt-in, a sampling thread per run.
+    system_metrics: bool = False
 
 
 class MatrixConfig(Strict):

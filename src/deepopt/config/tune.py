@@ -223,7 +223,9 @@ class TuneConfig(Strict):
     # median: trials finished before it prunes; and epochs never pruned (hyperband: min).
     pruner_startup_trials: int = Field(5, ge=0, le=MAX_TRIALS)
     pruner_warmup_epochs: int = Field(3, ge=0, le=MAX_EPOCHS)
-    precision: Literal["fp32", "bf16"] | None = None  # of the trials; null = train.precision
+    precision: Literal["fp32", "bf16", "fp16"] | None = (
+        None  # of the trials; null = train.precision
+    )
     # Seconds between a running trial's heartbeats (SQL storages), and without one for
     # heartbeat_grace seconds the trial is failed and queued again.
     heartbeat_interval: int = Field(5, ge=1, le=MAX_HEARTBEAT)

@@ -47,14 +47,16 @@ def evaluate_replicas(
     """Each replica's ensemble prediction and loss/accuracy, and each member's own.
 
     ``images`` [N, C, H, W] normalized; ``precision`` as the training's (bf16 autocast);
-    the networks and images in the layout of ``models.layout.evaluation_layout``.
+    the networks and images in the layout of ``models.layout.evaluation_layout``. The
+    networks run on the images' device (moved there); each member's logits come back to
+    the CPU once, for the metrics.
     """
     results = []
     for replica, members in trained.replicas().items():
         logits = []  # [N, C] each
         for member in members:
-            model, images = evaluation_layout(member.model, images)
-            logits.append(evaluate_logits(model, images, batch_size, precision))
+            model, images = evaluation_layout(member.model.to(images.device), images)
+            logits.append(evaluate_logits(model, images, batch_size, precision).cpu())
         own = [loss_and_accuracy(torch.log_softmax(x, dim=1), labels) for x in logits]
         log_probs = ensemble_log_probs(logits)
         loss, acc = loss_and_accuracy(log_probs, labels)

@@ -66,8 +66,11 @@ class NCHWFlatten(nn.Flatten):
         return super().forward(x)
 
 
-def set_training_layout(model: nn.Module, precision: str) -> None:
-    """Lay out ``model``'s weights for the fastest training at ``precision``, in place.
+def set_training_layout(
+    model: nn.Module, precision: str, device: torch.device | None = None
+) -> None:
+    """Lay out ``model``'s weights for the fastest training at ``precision`` on ``device``
+    (default the CPU), in place.
 
     Only a network built of ``LayoutConv2d`` (the lecture CNN) in fp32 changes: its
     convolutions after the first go to channels_last, where oneDNN's convolution gradients
@@ -76,7 +79,12 @@ def set_training_layout(model: nn.Module, precision: str) -> None:
     benchmarks/results/training-layout.md). Call it before building the optimizer, whose
     state then takes the same layout; outputs agree with NCHW within float rounding.
     ``set_portable_layout`` undoes it.
+
+    On CUDA and MPS nothing changes (NCHW) until measured there: benchmarks/gpu_check.sh
+    times the layouts on a GPU; the decision above is the CPU's (oneDNN's) only.
     """
+    if device is not None and device.type != "cpu":
+        return
     if precision != "fp32":
         return
     convolutions = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -97,5 +105,8 @@ def evaluation_layout(model: nn.Module, images: torch.Tensor) -> tuple[nn.Module
     """``model`` (in place) and ``images`` [N, C, H, W] in channels_last for inference:
     oneDNN's fp32 and bf16 convolutions are faster there, with the same predictions
     (logits within float rounding; measured: see README, Performance;
-    benchmarks/results/training-layout.md)."""
+    benchmarks/results/training-layout.md). On CUDA and MPS (``images``' device) both stay
+    NCHW until measured there (benchmarks/gpu_check.sh)."""
+    if images.device.type != "cpu":
+        return model, images
     return model.to(memory_format=_NHWC), images.contiguous(memory_format=_NHWC)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from deepopt import paths, tracking
+from deepopt import devices, paths, tracking
 from deepopt.config import Params, resolve_run, run_name
 from deepopt.data import image_shape, load_prepared, normalize
 from deepopt.evaluation import (
@@ -37,6 +37,12 @@ def main(
 ) -> dict[str, Any]:
     name = run_name(experiment, overrides, paths.BASE_EXPERIMENT)  # checked: a path part
     config = resolve_run(params, experiment, overrides)  # the config train used
+    device = devices.start_device(
+        config.train.device,
+        config.train.precision,
+        deterministic=config.train.deterministic,
+        tf32=config.train.tf32,
+    )
     plots = paths.plots_dir(name)
     check_writable(
         paths.eval_metrics_path(name), plots / "confusion.png", plots / "misclassified.png"
@@ -50,7 +56,7 @@ def main(
 
     torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
     tic = time.perf_counter()
-    images = normalize(data.test.images, data.mean, data.std)  # [N, C, H, W]
+    images = normalize(data.test.images.to(device), data.mean, data.std)  # [N, C, H, W]
     results = evaluate_replicas(
         trained, images, data.test.labels, config.train.eval_batch_size, config.train.precision
     )
@@ -62,7 +68,8 @@ def main(
     write_json(paths.eval_metrics_path(name), summary)
     for artifact_file, blob in pngs[results[0].replica].items():
         write_bytes(plots / artifact_file, blob)
-    tags = {**tracking.run_tags(dataset=config.data.name, meta=data.meta), "experiment": name}
+    run_tags = tracking.run_tags(dataset=config.data.name, meta=data.meta, device=device)
+    tags = {**run_tags, "experiment": name}
     logged = log_to_mlflow(
         trained=trained,
         experiment_id=experiment_id,

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from deepopt import paths, tracking
+from deepopt import devices, paths, tracking
 from deepopt.config import Params
 from deepopt.figures import png_bytes
 from deepopt.files import check_writable, write_bytes, write_json, write_text
@@ -22,6 +22,12 @@ __all__ = ["main"]
 def main(params: Params, **_: object) -> dict[str, Any]:
     transfer = params.transfer
     config = finetune_config(params)
+    device = devices.start_device(  # before any CUDA tensor; refused at once when not there
+        config.train.device,
+        config.train.precision,
+        deterministic=config.train.deterministic,
+        tf32=config.train.tf32,
+    )
     model_file = paths.transfer_model_path()
     metrics_file, report_file, plot_file = outputs = (
         paths.transfer_metrics_path("finetune"),
@@ -41,7 +47,13 @@ def main(params: Params, **_: object) -> dict[str, Any]:
     )
     check_source(source, config, task, model_file)
     mean, std = float(source["mean"]), float(source["std"])
-    val, test = task_tensors(task.val, mean, std), task_tensors(task.test, mean, std)
+    val, test = (
+        (images.to(device), labels.to(device))
+        for images, labels in (
+            task_tensors(task.val, mean, std),
+            task_tensors(task.test, mean, std),
+        )
+    )
     torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
     tracking.configure()
     experiment_id = tracking.ensure_experiment(config.mlflow.experiment)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from deepopt import paths, tracking
+from deepopt import devices, paths, tracking
 from deepopt.config import Params
 from deepopt.data import pixel_stats
 from deepopt.files import check_writable, write_json, write_torch
@@ -22,6 +22,12 @@ __all__ = ["main"]
 def main(params: Params, **_: object) -> dict[str, Any]:
     transfer = params.transfer
     config = pretrain_config(params)
+    device = devices.start_device(  # before any CUDA tensor; refused at once when not there
+        config.train.device,
+        config.train.precision,
+        deterministic=config.train.deterministic,
+        tf32=config.train.tf32,
+    )
     model_file, metrics_file = paths.transfer_model_path(), paths.transfer_metrics_path("pretrain")
     checkpoints = paths.transfer_checkpoint_dir(config.train.checkpoint_dir, PRETRAIN_RUN)
     check_writable(model_file, metrics_file, checkpoints / "member.pt")
@@ -34,10 +40,10 @@ def main(params: Params, **_: object) -> dict[str, Any]:
         key="transfer.source",
     )
     mean, std = pixel_stats(task.train.images)
-    tensors = {
-        "train": task_tensors(task.train, mean, std),
-        "val": task_tensors(task.val, mean, std),
-    }
+    tensors = {}  # on the device: the run trains there
+    for name, split in (("train", task.train), ("val", task.val)):
+        images, labels = task_tensors(split, mean, std)
+        tensors[name] = (images.to(device), labels.to(device))
     torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
     tracking.configure()
     experiment_id = tracking.ensure_experiment(config.mlflow.experiment)
@@ -50,6 +56,6 @@ def main(params: Params, **_: object) -> dict[str, Any]:
         experiment_id=experiment_id,
         checkpoints=checkpoints,
     )
-    write_torch(model_file, pretrained)
+    write_torch(model_file, devices.to_cpu(pretrained))  # CPU tensors: loads anywhere
     write_json(metrics_file, summary)
     return {"stage": "pretrain", "model": str(model_file), **summary}

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from deepopt import paths, tracking
+from deepopt import devices, paths, tracking
 from deepopt.config import Params, resolve_run, run_name
 from deepopt.data import load_prepared
 from deepopt.files import check_writable, write_json, write_text, write_torch
@@ -27,15 +27,24 @@ def main(
 ) -> dict[str, Any]:
     name = run_name(experiment, overrides, paths.BASE_EXPERIMENT)  # checked: a path part
     config = resolve_run(params, experiment, overrides)
+    # Before any CUDA tensor (CUBLAS_WORKSPACE_CONFIG); refused at once when not there.
+    device = devices.start_device(
+        config.train.device,
+        config.train.precision,
+        deterministic=config.train.deterministic,
+        tf32=config.train.tf32,
+    )
     # Under torchrun: one of WORLD_SIZE processes; only rank 0 writes and records.
-    parallel = distributed.join_from_env(config.train.sync_batchnorm)
+    parallel = distributed.join_from_env(config.train.sync_batchnorm, config.train.device)
+    if parallel is not None:
+        device = parallel.device  # cuda:LOCAL_RANK on CUDA
     checkpoints = paths.checkpoint_dir(config.train.checkpoint_dir, name)
     if parallel is None or parallel.is_main:
         outputs = (paths.model_path(name), paths.run_info_path(name), paths.history_path(name))
         check_writable(*outputs, paths.train_metrics_path(name), checkpoints / "member.pt")
     data = load_prepared(config.data, config.seed)
     torch.set_num_threads(config.train.threads or distributed.default_threads())
-    tensors = normalized_splits(data, config.train.fit_on)
+    tensors = normalized_splits(data, config.train.fit_on, device)
     members = members_of(config, params.matrix.seeds)
     if parallel is not None and not parallel.is_main:
         for member in members:
@@ -44,7 +53,7 @@ def main(
     tracking.configure()
     experiment_id = tracking.ensure_experiment(config.mlflow.experiment)
     tags = {
-        **tracking.run_tags(dataset=config.data.name, meta=data.meta),
+        **tracking.run_tags(dataset=config.data.name, meta=data.meta, device=device),
         "experiment": name,
         "fit_on": config.train.fit_on,
     }

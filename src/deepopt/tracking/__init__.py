@@ -1,5 +1,6 @@
 """deepopt's only MLflow code: the store (``store``), runs by explicit id (``runs``), what a
-run records (``log``) and its provenance tags (``provenance``); stages call it, training never."""
+run records (``log``), its provenance tags (``provenance``) and the machine's system metrics
+(``system``); stages call it, training never."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from deepopt.tracking.runs import (
     tracked_run,
 )
 from deepopt.tracking.store import PROBE_TIMEOUT_S, configure
+from deepopt.tracking.system import system_metrics
 
 __all__ = [
     "PROBE_TIMEOUT_S",
@@ -54,5 +56,6 @@ __all__ = [
     "run_tags",
     "set_tags",
     "start_run",
+    "system_metrics",
     "tracked_run",
 ]

@@ -1,5 +1,5 @@
 """What makes a run reproducible, as MLflow tags and pins: the code's git state, the data's
-digest, the seed, and the versions of deepopt and torch."""
+digest, the seed, the versions of deepopt and torch, and the device it ran on."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import os
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import deepopt
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["git_state", "pip_requirements", "run_tags"]
 
@@ -23,8 +26,11 @@ def run_tags(
     meta: Mapping[str, Any] | None = None,
     seed: int | None = None,
     cwd: Path | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, str]:
-    """What makes a run reproducible: code version, data identity, seed, library versions.
+    """What makes a run reproducible: code version, data identity, seed, library versions
+    and, with ``device``, where it ran (deepopt.devices.device_tags: ``device``,
+    ``device_name``, and on CUDA ``cuda_version`` and ``cudnn_version``).
 
     The git commit is also set as ``mlflow.source.git.commit``, which ``mlflow ui`` shows.
     ``meta`` is the prepared data's meta.json; its ``digest`` (else a hash of it) is
@@ -48,6 +54,10 @@ def run_tags(
         tags["data_digest"] = digest
     if seed is not None:
         tags["seed"] = str(seed)
+    if device is not None:
+        from deepopt.devices import device_tags  # torch: imported when a run needs it
+
+        tags.update(device_tags(device))
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp"] = os.environ["DVC_EXP_NAME"]
     return tags

@@ -1,5 +1,10 @@
 """Training: the loop (``fit``) and its resume state, early stopping, the lecture's
-diagnostics, checkpoints, data parallelism, and one tracked member (``train_tracked``)."""
+diagnostics, checkpoints and data parallelism: the core, which imports neither MLflow nor
+Optuna nor DVC (a GPU machine without them trains; tests/system/test_core_without_services).
+
+One tracked member (``train_tracked``, checkpoints + MLflow) is ``deepopt.training.member``,
+imported from there: it records to MLflow, so importing this package must not pull it in.
+"""
 
 from deepopt.training.checkpoint import checkpoint_file, load_checkpoint, save_checkpoint
 from deepopt.training.early_stopping import EarlyStopping
@@ -13,15 +18,6 @@ from deepopt.training.loop import (
     fit,
     steps_per_epoch,
 )
-from deepopt.training.member import (
-    Member,
-    MemberResult,
-    fit_member,
-    follow_member,
-    members_of,
-    normalized_splits,
-    train_tracked,
-)
 from deepopt.training.memory import keep_freed_memory
 
 __all__ = [
@@ -29,20 +25,13 @@ __all__ = [
     "EarlyStopping",
     "FitResult",
     "LoopState",
-    "Member",
-    "MemberResult",
     "StopReason",
     "autocast",
     "checkpoint_file",
     "evaluate_logits",
     "fit",
-    "fit_member",
-    "follow_member",
     "keep_freed_memory",
     "load_checkpoint",
-    "members_of",
-    "normalized_splits",
     "save_checkpoint",
     "steps_per_epoch",
-    "train_tracked",
 ]

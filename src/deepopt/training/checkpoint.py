@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from deepopt.config import RunConfig
+from deepopt.devices import to_cpu
 from deepopt.errors import DataError
 from deepopt.files import UnreadableFileError, load_torch, write_torch
 
@@ -47,6 +48,8 @@ def checkpoint_file(
     resolved = config.model_dump(mode="json")
     # Where checkpoints live and what MLflow experiment a run goes to don't change training.
     resolved["train"].pop("checkpoint_dir", None)
+    # Nor does the device: a checkpoint written on a GPU resumes on the CPU and back.
+    resolved["train"].pop("device", None)
     resolved.pop("mlflow", None)
     key: dict[str, Any] = {"config": resolved, "seed": seed, "data": data_digest}
     if world_size > 1:
@@ -58,7 +61,8 @@ def checkpoint_file(
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    write_torch(path, payload)
+    """``payload`` with its tensors on the CPU: a checkpoint resumes on any device."""
+    write_torch(path, to_cpu(payload))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
@@ -130,7 +134,9 @@ def check_payload(payload: Any) -> str | None:
         return "an unfinished run without optimizer state"
     if loop.get("best_model") is not None and not _tensors(loop["best_model"]):
         return "'best_model' holds no weights"
-    for key in ("shuffle_rng", "torch_rng"):
+    if not (loop.get("grad_scaler") is None or isinstance(loop["grad_scaler"], dict)):
+        return "'grad_scaler' is not a dict"
+    for key in ("shuffle_rng", "torch_rng", "cuda_rng"):
         rng = loop.get(key)
         if rng is not None and not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8):
             return f"'{key}' is not a uint8 tensor"

@@ -38,7 +38,9 @@ class EpochDiagnostics:
 
                 def hook(_m: nn.Module, _i: Any, out: torch.Tensor, key: str = name) -> None:
                     fraction = (out.detach() == 0).float().mean()
-                    self.zero_sums[key] = self.zero_sums.get(key, torch.zeros(())) + fraction
+                    self.zero_sums[key] = (
+                        self.zero_sums.get(key, torch.zeros((), device=fraction.device)) + fraction
+                    )
 
                 handles.append(module.register_forward_hook(hook))
         try:
@@ -50,8 +52,9 @@ class EpochDiagnostics:
     def after_backward(self) -> None:
         for name, weight in self.weights:
             if weight.grad is not None:
+                norm = weight.grad.norm()  # on the weight's device: no sync per batch
                 self.grad_sums[name] = (
-                    self.grad_sums.get(name, torch.zeros(())) + weight.grad.norm()
+                    self.grad_sums.get(name, torch.zeros((), device=norm.device)) + norm
                 )
 
     def record(self, batches: int) -> dict[str, float]:

@@ -8,10 +8,13 @@ and epoch metrics are summed over all processes, so N processes with batch b tra
 process with batch N*b. Rank 0 alone writes files and talks to MLflow; the others follow it
 (``broadcast``: where to start, e.g. rank 0's checkpoint).
 
-deepopt trains on the CPU, so the backend is gloo; ``backend_for`` picks NCCL for CUDA
-devices, where NCCL is the one that works. ``train.sync_batchnorm`` normalizes over the
-global batch: torch's SyncBatchNorm on CUDA, and on the CPU (where torch refuses it)
-``GlobalBatchNorm``, the same computation with the statistics summed over processes.
+The device is ``train.device`` (``join_from_env``'s ``device``). On the CPU the backend is
+gloo. On CUDA it is NCCL (``backend_for``) with one GPU per process, GPU ``LOCAL_RANK``
+(``local_device``; choose the GPUs with ``CUDA_VISIBLE_DEVICES``), so a ``cuda:N`` naming
+one GPU for all processes is refused, and so is MPS, which has no collective backend.
+``train.sync_batchnorm`` normalizes over the global batch: torch's SyncBatchNorm on CUDA,
+and on the CPU (where torch refuses it) ``GlobalBatchNorm``, the same computation with the
+statistics summed over processes.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from deepopt.devices import resolve_device
 from deepopt.errors import ConfigError
 from deepopt.training.loop import evaluate_logits
 
@@ -33,12 +37,15 @@ __all__ = [
     "GlobalBatchNorm",
     "ProcessGroup",
     "backend_for",
+    "check_parallel_device",
     "default_threads",
     "join_from_env",
+    "local_device",
     "synchronize_batchnorm",
 ]
 
 _T = TypeVar("_T")
+_CPU = torch.device("cpu")
 
 
 def backend_for(device: torch.device) -> str:
@@ -46,6 +53,32 @@ def backend_for(device: torch.device) -> str:
     if device.type == "cuda" and dist.is_nccl_available():
         return "nccl"
     return "gloo"
+
+
+def local_device(device: torch.device, local_rank: int) -> torch.device:
+    """The device of the torchrun process with ``local_rank`` when the run's device is
+    ``device``: GPU ``LOCAL_RANK`` on CUDA (one per process), else ``device`` itself."""
+    if device.type == "cuda":
+        return torch.device("cuda", local_rank)
+    return device
+
+
+def check_parallel_device(spec: str, world_size: int) -> None:
+    """Refuse a ``train.device`` that ``world_size`` torchrun processes cannot share: an
+    explicit ``cuda:N`` (each process takes the GPU of its LOCAL_RANK) and ``mps``."""
+    if world_size <= 1:
+        return
+    if spec.startswith("cuda:"):
+        raise ConfigError(
+            f"train.device {spec!r} with torchrun (WORLD_SIZE={world_size}): each process "
+            "takes the GPU of its LOCAL_RANK; set train.device to cuda or auto (choose the "
+            "GPUs with CUDA_VISIBLE_DEVICES)"
+        )
+    if spec == "mps":
+        raise ConfigError(
+            f"train.device 'mps' with torchrun (WORLD_SIZE={world_size}): torch.distributed "
+            "has no MPS backend; use cpu (gloo) or cuda (NCCL)"
+        )
 
 
 def _env_int(name: str, default: int | None = None) -> int:
@@ -188,6 +221,7 @@ class ProcessGroup:
     world_size: int
     local_rank: int
     sync_batchnorm: bool = False
+    device: torch.device = _CPU  # this process's: cuda:LOCAL_RANK on CUDA
 
     @property
     def is_main(self) -> bool:
@@ -218,7 +252,8 @@ class ProcessGroup:
         return part, self.world_size * len(part) / total
 
     def all_reduce_sum(self, *tensors: torch.Tensor) -> None:
-        """Sum each tensor over all processes, in place."""
+        """Sum each tensor over all processes, in place (on ``device``: NCCL takes CUDA
+        tensors only, gloo CPU tensors)."""
         for tensor in tensors:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
@@ -238,7 +273,8 @@ class ProcessGroup:
             # 0's are the ones DDP broadcasts at the next forward and the ones saved.
             dist.broadcast(buffer, src=0)
         begin, end = _bounds(len(images), self.world_size, self.rank)
-        sums = torch.zeros(2, dtype=torch.float64)  # loss sum, correct count
+        # loss sum, correct count; on the group's device (NCCL reduces CUDA tensors only)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         if end > begin:
             logits = evaluate_logits(model, images[begin:end], batch_size, precision)
             targets = labels[begin:end]
@@ -263,11 +299,13 @@ def _bounds(count: int, parts: int, which: int) -> tuple[int, int]:
     return begin, begin + size + (1 if which < extra else 0)
 
 
-def join_from_env(sync_batchnorm: bool = False) -> ProcessGroup | None:
+def join_from_env(sync_batchnorm: bool = False, device: str = "cpu") -> ProcessGroup | None:
     """Join the process group torchrun describes in the environment; None for one process.
 
-    The group is left when the process exits. A malformed or incomplete environment is a
-    ConfigError naming the variable.
+    ``device`` is the run's ``train.device``: one that resolves to CUDA gives this process
+    GPU ``LOCAL_RANK`` (made torch's current device) and NCCL; the CPU gives gloo. The group
+    is left when the process exits. A malformed or incomplete environment, or a device the
+    processes cannot share, is a ConfigError naming the variable or the setting.
     """
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size <= 1:
@@ -277,11 +315,27 @@ def join_from_env(sync_batchnorm: bool = False) -> ProcessGroup | None:
         raise ConfigError(f"RANK={rank}: must be < WORLD_SIZE={world_size}")
     if not dist.is_available():
         raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    check_parallel_device(device, world_size)
+    own = local_device(resolve_device(device), local_rank)
+    if own.type == "cuda":
+        visible = torch.cuda.device_count()
+        if local_rank >= visible:
+            raise ConfigError(
+                f"LOCAL_RANK={local_rank} but {visible} CUDA device(s) are visible: start at "
+                f"most {visible} processes per machine (torchrun --nproc_per_node)"
+            )
+        torch.cuda.set_device(own)  # NCCL's and broadcast_object_list's current device
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend_for(torch.device("cpu")))
+        dist.init_process_group(
+            backend=backend_for(own), device_id=own if own.type == "cuda" else None
+        )
         atexit.register(_leave)
     return ProcessGroup(
-        rank=rank, world_size=world_size, local_rank=local_rank, sync_batchnorm=sync_batchnorm
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        sync_batchnorm=sync_batchnorm,
+        device=own,
     )
 
 

@@ -5,6 +5,11 @@ MLflow, progress, Optuna pruning) and gets a ``FitResult`` back. A run can start
 ``LoopState`` taken from a checkpoint and then continues exactly as if never stopped: the
 shuffling generator, the global torch RNG (dropout), the optimizer, the schedule and the
 early-stopping counters are all part of the state (the resume contract).
+
+The device is the tensors' (or ``device``): the prepared tensors are moved there once, each
+epoch's permutation is drawn on the CPU (the same order on every device, so seeds pair across
+devices) and moved once, batches are index slices on the device, and the epoch's metrics
+come back in one sync at its end.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
-from deepopt import interrupts
+from deepopt import devices, interrupts
 from deepopt.config import EarlyStopConfig
 from deepopt.metrics import loss_and_accuracy_of_logits
 from deepopt.optim import LRSchedule
@@ -54,6 +59,8 @@ class LoopState:
     best_model: dict[str, Any] | None = None  # only with restore_best
     shuffle_rng: torch.Tensor | None = None
     torch_rng: torch.Tensor | None = None
+    cuda_rng: torch.Tensor | None = None  # the training GPU's generator (dropout on CUDA)
+    grad_scaler: dict[str, Any] | None = None  # fp16's GradScaler (its scale and counters)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -102,24 +109,36 @@ def steps_per_epoch(samples: int, batch_size: int, world_size: int = 1) -> int:
     return full + (1 if rest >= world_size else 0)
 
 
-def autocast(precision: str) -> Any:
-    """The autocast context of ``precision`` (bf16: CPU autocast); fp32 runs as it is."""
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
+def autocast(precision: str, device: torch.device | None = None) -> Any:
+    """The autocast context of ``precision`` on ``device`` (the CPU by default)."""
+    return devices.autocast(device or torch.device("cpu"), precision)
 
 
 @torch.inference_mode()
 def evaluate_logits(
-    model: nn.Module, images: torch.Tensor, batch_size: int, precision: str = "fp32"
+    model: nn.Module,
+    images: torch.Tensor,
+    batch_size: int,
+    precision: str = "fp32",
+    device: torch.device | None = None,
 ) -> torch.Tensor:
-    """Logits for all ``images`` [N,C,H,W] in eval mode, in large batches: [N, classes]."""
+    """Logits for all ``images`` [N,C,H,W] in eval mode, in large batches: [N, classes] on
+    the images' device. The network runs on ``device`` (default: the model's), where the
+    images are moved once (nothing moves when they are there already, as in ``fit``)."""
     model.eval()
-    with autocast(precision):
+    device = device or _device_of(model, images)
+    inputs = images.to(device)
+    with devices.autocast(device, precision):
         chunks = [
-            model(images[i : i + batch_size]).float() for i in range(0, len(images), batch_size)
+            model(inputs[i : i + batch_size]).float() for i in range(0, len(inputs), batch_size)
         ]
-    return torch.cat(chunks)
+    return torch.cat(chunks).to(images.device)
+
+
+def _device_of(model: nn.Module, images: torch.Tensor) -> torch.device:
+    """Where ``model``'s parameters are (the images' device for a network without any)."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else images.device
 
 
 def fit(
@@ -139,6 +158,7 @@ def fit(
     start: LoopState | None = None,
     on_epoch_end: Callable[[LoopState], None] | None = None,
     parallel: DataParallel | None = None,
+    device: torch.device | None = None,
 ) -> FitResult:
     """Train ``model`` on normalized ``train`` = (images [N,C,H,W] float, labels [N] int64).
 
@@ -150,17 +170,23 @@ def fit(
     With ``parallel`` (one process of a torchrun job), ``batch_size`` is per process, the
     gradients are averaged by DistributedDataParallel and every record holds the metrics
     of all processes together; ``model`` and the state stay unwrapped.
+
+    ``device`` defaults to the train images'; the tensors are moved there (once) and the
+    model and optimizer must be there already. fp16 (CUDA) trains with a GradScaler.
     """
     keep_freed_memory()
-    images, labels = train
-    val_images, val_labels = val
+    device = device or train[0].device
+    images, labels = (t.to(device) for t in train)
+    val_images, val_labels = (t.to(device) for t in val)
     stopper = EarlyStopping(early_stop)
-    shuffle = torch.Generator().manual_seed(seed)
+    shuffle = torch.Generator().manual_seed(seed)  # on the CPU: the same order everywhere
+    # fp16 runs on CUDA only (devices.check_precision); the scaler takes the device's type.
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     state = start or LoopState()
     if start is None:
-        torch.manual_seed(seed)  # dropout masks; model init is seeded by the caller
+        torch.manual_seed(seed)  # dropout masks (CUDA's too); model init is seeded by the caller
     else:
-        _restore(model, optimizer, schedule, stopper, shuffle, state)
+        _restore(model, optimizer, schedule, stopper, shuffle, state, scaler, device)
     history = list(state.history)
     best_model = state.best_model
     forward = model if parallel is None else parallel.wrap(model)  # what trains
@@ -185,12 +211,13 @@ def fit(
             diagnostics,
             forward=forward,
             parallel=parallel,
+            scaler=scaler,
         )
         if not finite:
             stop_reason = "diverged"
             break
         if parallel is None:
-            logits = evaluate_logits(model, val_images, eval_batch_size, precision)
+            logits = evaluate_logits(model, val_images, eval_batch_size, precision, device)
             record["val_loss"], record["val_acc"] = loss_and_accuracy_of_logits(logits, val_labels)
         else:
             record["val_loss"], record["val_acc"] = parallel.evaluate(
@@ -215,6 +242,8 @@ def fit(
             best_model=best_model,
             shuffle_rng=shuffle.get_state(),
             torch_rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            grad_scaler=scaler.state_dict() if scaler is not None else None,
         )
         if on_epoch_end is not None:
             on_epoch_end(state)
@@ -240,7 +269,12 @@ def _restore(
     stopper: EarlyStopping,
     shuffle: torch.Generator,
     state: LoopState,
+    scaler: torch.amp.GradScaler | None,
+    device: torch.device,
 ) -> None:
+    """Continue from ``state``; its tensors may come from another device (a checkpoint
+    written on a GPU resumes on the CPU): load_state_dict copies them onto the model's and
+    the optimizer's parameters' device."""
     assert state.model is not None and state.optimizer is not None
     model.load_state_dict(state.model)
     optimizer.load_state_dict(state.optimizer)
@@ -252,6 +286,10 @@ def _restore(
         shuffle.set_state(state.shuffle_rng)
     if state.torch_rng is not None:
         torch.set_rng_state(state.torch_rng)
+    if state.cuda_rng is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state.cuda_rng, device)
+    if scaler is not None and state.grad_scaler is not None:
+        scaler.load_state_dict(state.grad_scaler)
 
 
 def _train_one_epoch(
@@ -267,20 +305,23 @@ def _train_one_epoch(
     *,
     forward: nn.Module,
     parallel: DataParallel | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[dict[str, float], bool]:
     """One pass over a fresh permutation; returns the epoch's metrics and finiteness.
 
     loss and acc are averages over the epoch's batches as the weights move (as Keras
     reports them), accumulated as tensors so the hot loop never syncs on .item().
-    ``forward`` is the module that trains: ``model`` itself or its DDP wrapper.
+    ``forward`` is the module that trains: ``model`` itself or its DDP wrapper. The images
+    and labels are on the training device; so are the permutation (moved once) and the sums.
     """
     forward.train()
     count = len(images)
     step = batch_size * (parallel.world_size if parallel is not None else 1)  # global batch
     seen = 0  # samples this process trained on
-    order = torch.randperm(count, generator=shuffle)
-    loss_sum = torch.zeros(())
-    correct = torch.zeros((), dtype=torch.long)
+    device = images.device
+    order = torch.randperm(count, generator=shuffle).to(device)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
     measured = EpochDiagnostics(model) if diagnostics else None
     batches = 0
     with measured.watching_activations() if measured is not None else nullcontext():
@@ -294,21 +335,30 @@ def _train_one_epoch(
                     break
                 index, loss_weight = shard
             batch_images, batch_labels = images[index], labels[index]
-            with autocast(precision):
+            with devices.autocast(device, precision):
                 logits = forward(batch_images)  # [B, classes]
                 loss = nn.functional.cross_entropy(logits.float(), batch_labels)
             optimizer.zero_grad(set_to_none=True)
-            (loss if loss_weight == 1.0 else loss * loss_weight).backward()  # type: ignore[no-untyped-call]
-            if measured is not None:
-                measured.after_backward()
-            optimizer.step()
+            weighted = loss if loss_weight == 1.0 else loss * loss_weight
+            if scaler is None:
+                weighted.backward()  # type: ignore[no-untyped-call]
+                if measured is not None:
+                    measured.after_backward()
+                optimizer.step()
+            else:
+                scaler.scale(weighted).backward()  # type: ignore[no-untyped-call]
+                if measured is not None:
+                    scaler.unscale_(optimizer)  # the norms of the true gradients
+                    measured.after_backward()
+                scaler.step(optimizer)  # skipped when a gradient is inf/NaN
+                scaler.update()
             schedule.after_batch()
             loss_sum += loss.detach() * len(index)
             correct += (logits.detach().argmax(dim=1) == batch_labels).sum()
             batches += 1
             seen += len(index)
     if parallel is not None:
-        totals = torch.tensor(seen)
+        totals = torch.tensor(seen, device=device)
         parallel.all_reduce_sum(loss_sum, correct, totals)
         seen = int(totals)
     mean_loss = (loss_sum / seen).item()

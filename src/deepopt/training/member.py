@@ -7,6 +7,7 @@ continued after a kill, so it ends with exactly the metrics of an uninterrupted 
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,18 +65,23 @@ def members_of(config: RunConfig, replicas: int) -> list[Member]:
 
 
 def normalized_splits(
-    data: PreparedData, fit_on: str = "train"
+    data: PreparedData, fit_on: str = "train", device: torch.device | None = None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The train and val splits as normalized float images and labels, once per stage
-    (one vectorized op per split).
+    """The train and val splits as normalized float images and labels on ``device`` (default
+    the CPU), once per stage: the uint8 tensors are moved there and normalized there (one
+    vectorized op per split); the members then train on the device the tensors are on.
 
     With ``fit_on="train+val"`` the validation images are appended to "train"; "val" stays
     for the per-epoch report, which is then no longer a held-out measurement. The images
     stay NCHW: the network's own weights decide where activations turn channels_last
     (``models.layout``, measured by benchmarks/bench_train.py as contender g).
     """
+    target = device or torch.device("cpu")
     tensors = {
-        name: (normalize(split.images, data.mean, data.std), split.labels)
+        name: (
+            normalize(split.images.to(target), data.mean, data.std),
+            split.labels.to(target),
+        )
         for name, split in (("train", data.train), ("val", data.val))
     }
     if fit_on == "train+val":
@@ -144,7 +150,7 @@ def train_tracked(
                 _share_start(parallel, saved)
                 # Trained before with this config, seed and data: the same network again, and
                 # its MLflow run stays as it ended.
-                model = _new_model(config, tensors, data_meta)
+                model = _new_model(config, tensors, data_meta).to(_device_of(tensors))
                 model.load_state_dict(_kept_weights(saved["loop"], config))
                 result = _finished_result(saved["loop"], config)
                 return MemberResult(member=member, run_id=previous_run, fit=result, model=model)
@@ -177,14 +183,18 @@ def train_tracked(
                 on_epoch(state)
 
         # From here on every way out ends the run (KILLED on Ctrl-C/SIGTERM): none stays RUNNING.
-        with tracking.ending_run(run_id):
+        # System metrics (opt-in) stop before the run ends: the inner block.
+        with (
+            tracking.ending_run(run_id),
+            tracking.system_metrics(run_id, config.mlflow.system_metrics),
+        ):
             tracking.log_params(run_id, {**config.model_dump(mode="json"), "seed": member.seed})
             images, labels = tensors["train"]
             tracking.log_dataset(
                 run_id,
                 f"{config.data.name}-train",
-                images.numpy(),
-                labels.numpy(),
+                images.cpu().numpy(),
+                labels.cpu().numpy(),
                 source=str(paths.prepared_split_path("train")),
                 digest=data_meta["digest"][:36],
             )
@@ -222,10 +232,13 @@ def fit_member(
     setup: Callable[[nn.Module], list[dict[str, Any]]] | None = None,
 ) -> tuple[nn.Module, FitResult]:
     """Build the member's network, optimizer and schedule and train it (every process of
-    a torchrun job runs this with the same arguments, rank 0 with its callback)."""
+    a torchrun job runs this with the same arguments, rank 0 with its callback). It trains
+    on the device the tensors are on; the network is built on the CPU (the same initial
+    weights everywhere) and moved there before the optimizer is built."""
+    device = _device_of(tensors)
     torch.manual_seed(seed)  # weight init
-    model = _new_model(config, tensors, data_meta)
-    set_training_layout(model, config.train.precision)
+    model = _new_model(config, tensors, data_meta).to(device)
+    set_training_layout(model, config.train.precision, device)
     optimizer = build_optimizer(
         setup(model) if setup is not None else model.parameters(), config.optim
     )
@@ -250,6 +263,7 @@ def fit_member(
         start=start,
         on_epoch_end=on_epoch_end,
         parallel=parallel,
+        device=device,
     )
     set_portable_layout(model)  # saved, logged and exported weights are NCHW
     return model, result
@@ -278,6 +292,10 @@ def follow_member(
     _, result = fit_member(config, tensors, data_meta, member.seed, start, None, parallel)
     if result.stop_reason == "diverged":
         raise DivergedError(f"rank {parallel.rank}: seed {member.seed} diverged with rank 0")
+
+
+def _device_of(tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.device:
+    return tensors["train"][0].device
 
 
 def _new_model(
@@ -347,5 +365,7 @@ def _log_run_end(
     tracking.log_figure(run_id, figure, "history.png")
     tracking.log_dict(run_id, config.model_dump(mode="json"), "config.json")
     if config.mlflow.log_model:
-        tracking.log_model(run_id, model.float().eval(), example.float().numpy())
+        # The logged model holds CPU tensors (a copy: the trained one stays on its device).
+        on_cpu = model if example.device.type == "cpu" else copy.deepcopy(model).cpu()
+        tracking.log_model(run_id, on_cpu.float().eval(), example.float().cpu().numpy())
     tracking.end_run(run_id, "FINISHED")

@@ -8,6 +8,7 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
+from deepopt.devices import to_cpu
 from deepopt.training.member import MemberResult
 
 __all__ = ["history_csv", "model_file", "run_info", "train_summary"]
@@ -64,13 +65,16 @@ def model_file(
     num_classes: int,
     results: Sequence[MemberResult],
 ) -> dict[str, Any]:
-    """model.pt's content: what rebuilds the networks, and each member's weights."""
+    """model.pt's content: what rebuilds the networks, and each member's weights (CPU
+    tensors, whichever device trained them)."""
     return {
         "experiment": experiment,
         "model_config": model_config,
         "image_shape": list(image_shape),
         "num_classes": num_classes,
-        "members": [{**_member_keys(r), "state_dict": r.model.state_dict()} for r in results],
+        "members": [
+            {**_member_keys(r), "state_dict": to_cpu(r.model.state_dict())} for r in results
+        ],
     }
 
 

@@ -102,8 +102,9 @@ def pretrain_source(
     ``weights_only`` loading) and pretrain.json's summary.
     """
     digest = task_digest(task)
+    device = tensors["train"][0].device  # the stage put them on the run's device
     tags = {
-        **tracking.run_tags(dataset=task.dataset, meta={"digest": digest}),
+        **tracking.run_tags(dataset=task.dataset, meta={"digest": digest}, device=device),
         "experiment": PRETRAIN_RUN,
         "transfer_role": "source",
         "transfer_classes": ",".join(map(str, task.classes)),
@@ -224,8 +225,9 @@ def finetune_target(
     source_run = str(source["run_id"])
     model_sha = file_sha256(model_file)
     digest = task_digest(task)
+    device = val[0].device  # the stage put them on the run's device
     tags = {
-        **tracking.run_tags(dataset=task.dataset, meta={"digest": digest}),
+        **tracking.run_tags(dataset=task.dataset, meta={"digest": digest}, device=device),
         "transfer_role": "target",
         "transfer_classes": ",".join(map(str, task.classes)),
         "source_run_id": source_run,
@@ -241,7 +243,7 @@ def finetune_target(
         )
         images, labels = task_tensors(subset, mean, std)
         # Whole copies, reshuffled every epoch: [repeats * n, C, H, W]
-        train = (images.repeat(repeats, 1, 1, 1), labels.repeat(repeats))
+        train = (images.repeat(repeats, 1, 1, 1).to(device), labels.repeat(repeats).to(device))
         for mode in transfer.modes:
             # What trains this run beyond its RunConfig (the checkpoints' key): the data, the
             # mode, the pretrained start and the backbone's learning-rate scale.

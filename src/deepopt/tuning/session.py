@@ -15,12 +15,12 @@ from typing import Any
 import optuna
 import torch
 
-from deepopt import paths, tracking
+from deepopt import devices, paths, tracking
 from deepopt.config import Params, RunConfig, resolve_experiment
 from deepopt.data import PreparedData, load_prepared
 from deepopt.files import check_writable
 from deepopt.paths import BASE_EXPERIMENT, BEST_PARAMS
-from deepopt.training import normalized_splits
+from deepopt.training.member import normalized_splits
 from deepopt.tuning.space import derive_study_name, direction, trial_config
 from deepopt.tuning.storage import ClaimLock, StorageUrl, StudyStorage, fail_orphans, open_storage
 from deepopt.tuning.study import close_dead_runs, count_trials, log_plots, open_study, write_best
@@ -101,16 +101,24 @@ def run_trials_here(
     """Run the study's trials in this process (``threads`` torch threads, default all
     cores or train.threads), each a child run of ``parent_run_id``; how many it ran."""
     base, tune = tuning.base, tuning.params.tune
+    # Before any CUDA tensor; a worker of a session has its own train.device (its GPU).
+    device = devices.start_device(
+        base.train.device,
+        tune.precision or base.train.precision,  # the trials'
+        deterministic=base.train.deterministic,
+        tf32=base.train.tf32,
+    )
     torch.set_num_threads(threads or base.train.threads or os.cpu_count() or 1)
     session = TrialSession(
         study_name=tuning.name,
         base=base,
         tune=tune,
-        tensors=normalized_splits(tuning.data),  # trials fit on the train split only
+        # trials fit on the train split only, on the device (moved there once)
+        tensors=normalized_splits(tuning.data, device=device),
         data_meta=tuning.data.meta,
         experiment_id=tuning.experiment_id,
         parent_run_id=parent_run_id,
-        tags=tuning.tags,
+        tags={**tuning.tags, **devices.device_tags(device)},
         checkpoint_root=tuning.checkpoint_root,
         orphaned=orphaned,
     )
