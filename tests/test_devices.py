@@ -45,7 +45,7 @@ def test_deepopt_train_on_a_missing_gpu_exits_2_with_one_line_and_trains_nothing
     workspace: Callable[..., Path],
 ) -> None:
     work = workspace(train={"device": "cuda"})
-    code, stderr = run_cli(("train",), work, as_subprocess=True)
+    code, _, stderr = run_cli(("train",), work, as_subprocess=True)
     assert code == EXIT_CONFIG
     assert stderr.strip() == (
         "deepopt: error: train.device 'cuda' is not available here; available: cpu"

@@ -26,3 +26,13 @@ def write_tiny_idx_dataset(folder: Path, n_train: int, n_test: int) -> None:
         header = struct.pack(f">I{len(dims)}I", 0x800 | len(dims), *dims)
         blob = header + tensor.to(torch.uint8).numpy().tobytes()
         (folder / f"{RAW_FILES[role]}.gz").write_bytes(gzip.compress(blob, mtime=0))
+
+
+def gaussian_blobs(count: int, seed: int, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ten Gaussian blobs as ``count`` 1 x size x size float 'images' and their labels:
+    learnable in a few epochs; made on the CPU, so the same data on every device."""
+    centers = torch.randn(10, 1, size, size, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(count) % 10
+    images = centers[labels] + 0.8 * torch.randn(count, 1, size, size, generator=generator)
+    return images, labels

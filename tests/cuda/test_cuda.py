@@ -19,6 +19,7 @@ from deepopt.models import build_model
 from deepopt.optim import build_optimizer, build_schedule
 from deepopt.training.checkpoint import load_checkpoint, save_checkpoint
 from deepopt.training.loop import FitResult, LoopState, fit
+from tiny_data import gaussian_blobs
 
 pytestmark = pytest.mark.cuda
 
@@ -32,12 +33,7 @@ def _deterministic_cuda() -> None:
 
 
 def _blobs(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ten Gaussian blobs in 1x12x12 'images' (made on the CPU: the same data everywhere)."""
-    centers = torch.randn(10, 1, 12, 12, generator=torch.Generator().manual_seed(0))
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.arange(count) % 10
-    images = centers[labels] + 0.8 * torch.randn(count, 1, 12, 12, generator=generator)
-    return images, labels
+    return gaussian_blobs(count, seed, size=12)
 
 
 def _run(

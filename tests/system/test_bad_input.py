@@ -619,8 +619,9 @@ CASES = [
 ]
 
 
-def run_cli(argv: tuple[str, ...], work: Path, as_subprocess: bool) -> tuple[int, str]:
-    """Exit code and stderr of `deepopt <argv>` in ``work``."""
+def run_cli(argv: tuple[str, ...], work: Path, as_subprocess: bool) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of `deepopt <argv>` in ``work`` (in-process, the caller
+    captures the output; argparse's usage errors exit through SystemExit)."""
     if as_subprocess:
         done = subprocess.run(
             [sys.executable, "-m", "deepopt.cli", *argv],
@@ -630,11 +631,11 @@ def run_cli(argv: tuple[str, ...], work: Path, as_subprocess: bool) -> tuple[int
             timeout=300,
             check=False,
         )
-        return done.returncode, done.stderr
+        return done.returncode, done.stdout, done.stderr
     try:
-        return cli.main(list(argv)), ""
-    except SystemExit as exit_:  # argparse's usage errors
-        return int(exit_.code or 0), ""
+        return cli.main(list(argv)), "", ""
+    except SystemExit as exit_:
+        return int(exit_.code or 0), "", ""
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
@@ -654,7 +655,7 @@ def test_bad_input_gives_its_message_and_exit_code_and_changes_nothing(
     files_before, store_before = workspace_snapshot(work), store_snapshot(store)
     capsys.readouterr()
 
-    code, stderr = run_cli(case.argv, work, case.subprocess)
+    code, _, stderr = run_cli(case.argv, work, case.subprocess)
     captured = capsys.readouterr()
     stderr = stderr or captured.err
 

@@ -25,8 +25,6 @@ import json
 import random
 import shutil
 import sqlite3
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +42,7 @@ from test_bad_input import (
     idx,
     params_set,
     raw_dataset,
+    run_cli,
     store_snapshot,
     workspace_snapshot,
 )
@@ -788,22 +787,6 @@ def _changed(before: dict[str, Any], after: dict[str, Any]) -> set[str]:
 def _from_root(pattern: str) -> str:
     """A row's glob relative to the workspace as one relative to the test's folder."""
     return pattern.removeprefix("../") if pattern.startswith("../") else f"work/{pattern}"
-
-
-def run_cli(argv: tuple[str, ...], work: Path, as_subprocess: bool) -> tuple[int, str, str]:
-    """Exit code, stdout and stderr of `deepopt <argv>` in ``work`` (in-process, the
-    caller captures them)."""
-    if as_subprocess:
-        done = subprocess.run(
-            [sys.executable, "-m", "deepopt.cli", *argv],
-            cwd=work,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        return done.returncode, done.stdout, done.stderr
-    return cli.main(list(argv)), "", ""
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,15 +15,11 @@ from deepopt.config import EarlyStopConfig, ModelConfig, OptimConfig, ScheduleCo
 from deepopt.models import build_model
 from deepopt.optim import build_optimizer, build_schedule
 from deepopt.training import EarlyStopping, LoopState, fit, keep_freed_memory
+from tiny_data import gaussian_blobs
 
 
 def _blobs(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ten Gaussian blobs in 8x8 'images': learnable in a few epochs."""
-    centers = torch.randn(10, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.arange(count) % 10
-    images = centers[labels] + 0.8 * torch.randn(count, 1, 8, 8, generator=generator)
-    return images, labels
+    return gaussian_blobs(count, seed)
 
 
 def _run(
