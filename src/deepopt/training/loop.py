@@ -37,7 +37,6 @@ __all__ = [
     "FitResult",
     "LoopState",
     "StopReason",
-    "autocast",
     "evaluate_logits",
     "fit",
     "steps_per_epoch",
@@ -107,11 +106,6 @@ def steps_per_epoch(samples: int, batch_size: int, world_size: int = 1) -> int:
     batch with fewer samples than processes is skipped (see ``DataParallel.shard``)."""
     full, rest = divmod(samples, batch_size * world_size)
     return full + (1 if rest >= world_size else 0)
-
-
-def autocast(precision: str, device: torch.device | None = None) -> Any:
-    """The autocast context of ``precision`` on ``device`` (the CPU by default)."""
-    return devices.autocast(device or torch.device("cpu"), precision)
 
 
 @torch.inference_mode()
