@@ -24,6 +24,7 @@ __all__ = [
     "inverse_time_factor",
     "keras_plateau_translation",
     "linear_factor",
+    "place_eps_as_keras",
 ]
 
 # cosine's default min_lr as a fraction of eta0: its last epoch still trains.
@@ -49,6 +50,11 @@ def build_optimizer(
     ``weight_decay`` overrides the config's. ``momentum`` and ``nesterov`` are the
     lecture's SGD with momentum 0.9 (``nesterov=True`` for the latter); ``rho`` is
     RMSprop's ``alpha``; ``eps`` is the lecture's delta; ``betas`` its (rho1, rho2).
+
+    The defaults are Keras' (``OPTIMIZER_KNOBS``), and with them each optimizer follows
+    the update of the Keras the lecture ran (tf.keras 2, whose ``lr=``/``decay=`` arguments
+    it uses) as far as torch's formulas allow; what is left is written next to each
+    builder below and bounded in tests/test_keras_settings.py.
     """
     lr, weight_decay = cfg.lr, cfg.weight_decay
     optim = torch.optim
@@ -58,6 +64,11 @@ def build_optimizer(
     if cfg.name == "sgd":
         return optim.SGD(parameters, lr=lr, momentum=0.0, weight_decay=weight_decay, fused=True)
     if cfg.name in ("momentum", "nesterov"):
+        # torch keeps b = mu b + g and steps lr b; Keras keeps v = mu v - lr g and steps v
+        # (nesterov: mu v - lr g). Equal while lr is constant; when lr changes, torch
+        # applies the new rate to the whole velocity at once, Keras only to new gradients
+        # (a relative difference of about delta mu / (1 - mu) = 1e-4 per batch under the
+        # lecture's inverse-time decay, a few batches of transient after a plateau's cut).
         return optim.SGD(
             parameters,
             lr=lr,
@@ -67,9 +78,21 @@ def build_optimizer(
             fused=True,
         )
     if cfg.name == "adagrad":
-        eps = _filled(cfg.eps, "optim.eps")
-        return optim.Adagrad(parameters, lr=lr, eps=eps, weight_decay=weight_decay, fused=True)
+        # torch's update lr g / (sqrt(acc) + eps) is tf.keras 2's (TensorFlow's
+        # ApplyAdagradV2); Keras 3 divides by sqrt(acc + eps) instead (relative difference
+        # below eps / sqrt(initial_accumulator), 3e-7 with the defaults).
+        return optim.Adagrad(
+            parameters,
+            lr=lr,
+            eps=_filled(cfg.eps, "optim.eps"),
+            initial_accumulator_value=_filled(cfg.initial_accumulator, "optim.initial_accumulator"),
+            weight_decay=weight_decay,
+            fused=True,
+        )
     if cfg.name == "rmsprop":
+        # Without momentum torch's update lr g / (sqrt(v) + eps) is tf.keras 2's; with
+        # momentum tf.keras 2 (TensorFlow's ApplyRMSProp), and Keras 3 always, divide by
+        # sqrt(v + eps) instead, which differs where sqrt(v) is near sqrt(eps) ~ 3e-4.
         return optim.RMSprop(
             parameters,
             lr=lr,
@@ -82,7 +105,7 @@ def build_optimizer(
     if cfg.name in ("adam", "adamw"):
         adam = optim.Adam if cfg.name == "adam" else optim.AdamW
         betas = tuple(_filled(cfg.betas, "optim.betas"))
-        return adam(
+        optimizer = adam(
             parameters,
             lr=lr,
             betas=(betas[0], betas[1]),
@@ -90,7 +113,40 @@ def build_optimizer(
             weight_decay=weight_decay,
             fused=True,
         )
+        if _filled(cfg.eps_placement, "optim.eps_placement") == "keras":
+            place_eps_as_keras(optimizer)
+        return optimizer
     raise ConfigError(f"optim.name: {cfg.name!r} is not one of {', '.join(OPTIMIZER_NAMES)}")
+
+
+def place_eps_as_keras(optimizer: torch.optim.Optimizer) -> None:
+    """Make a torch Adam/AdamW take Keras' update, eps as Keras places it ("epsilon hat").
+
+    Keras: w -= alpha m / (sqrt(v) + eps), alpha = lr sqrt(1 - beta2^t) / (1 - beta1^t).
+    torch: w -= lr / (1 - beta1^t) m / (sqrt(v) / sqrt(1 - beta2^t) + eps'), which is
+    Keras' with eps' = eps / sqrt(1 - beta2^t). A step pre-hook sets each param group's
+    eps to that before every step, t being the step about to be taken, read from the
+    optimizer's own state (so it stays right after ``load_state_dict``, and a step that
+    fp16's GradScaler skips is not counted). Each group keeps the eps it was built with.
+    Reading the step costs one host sync per step on a GPU, where the state lives.
+    """
+    base_eps = [float(group["eps"]) for group in optimizer.param_groups]
+
+    def before_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for group, eps in zip(opt.param_groups, base_eps, strict=True):
+            t = _steps_taken(opt, group) + 1
+            group["eps"] = eps / math.sqrt(1.0 - float(group["betas"][1]) ** t)
+
+    optimizer.register_step_pre_hook(before_step)
+
+
+def _steps_taken(optimizer: torch.optim.Optimizer, group: Mapping[str, Any]) -> int:
+    """The group's step count (its parameters step together); 0 before the first step."""
+    for parameter in group["params"]:
+        state = optimizer.state.get(parameter)
+        if state and "step" in state:
+            return int(state["step"])
+    return 0
 
 
 # --- the lecture's formulas, as multiples of eta0 -------------------------------------

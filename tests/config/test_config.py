@@ -94,7 +94,8 @@ def test_wrong_values_name_key_and_value(
 
 def test_knob_of_another_optimizer_is_an_error(base_params: dict[str, Any]) -> None:
     message = _error(_with(base_params, "optim", name="adam"))  # keeps momentum: 0.9
-    assert "optim.momentum: does not apply to optim.name 'adam' (its knobs: betas, eps)" in message
+    expected = "optim.momentum: does not apply to optim.name 'adam' (its knobs: betas, eps, "
+    assert expected + "eps_placement)" in message
 
 
 def test_knob_of_another_schedule_is_an_error(base_params: dict[str, Any]) -> None:
@@ -229,6 +230,8 @@ _OPTIM_KNOBS = {
     "eps": st.floats(1e-12, 1e-2),
     "rho": st.floats(0.01, 0.99),
     "betas": st.lists(st.floats(0.0, 0.999), min_size=2, max_size=2),
+    "initial_accumulator": st.floats(0.0, 100.0),
+    "eps_placement": st.sampled_from(["keras", "torch"]),
 }
 _SCHEDULE_KNOBS = {
     "final_lr": st.floats(1e-8, 1.0),

@@ -28,7 +28,14 @@ def n_params(model: nn.Module) -> int:
 
 def _block(skip: bool, in_channels: int = 4, channels: int = 4, stride: int = 1) -> nn.Module:
     block = ResidualBlock(
-        in_channels, channels, stride, skip=skip, batchnorm=True, activation="relu"
+        in_channels,
+        channels,
+        stride,
+        skip=skip,
+        batchnorm=True,
+        bn_momentum=0.01,
+        bn_eps=1e-3,
+        activation="relu",
     )
     return block.eval()  # BN with its initial statistics: the identity map
 

@@ -35,7 +35,9 @@ def _run(
 ) -> tuple[Any, list[LoopState]]:
     torch.manual_seed(0)
     model = build_model(
-        ModelConfig(name="mlp", depth=2, width=32, dropout=dropout), image_shape=(1, 8, 8)
+        # PyTorch's BatchNorm settings: the golden histories below were recorded with them.
+        ModelConfig(name="mlp", depth=2, width=32, dropout=dropout, bn_momentum=0.1, bn_eps=1e-5),
+        image_shape=(1, 8, 8),
     )
     # model_copy does not validate: the divergence test's lr is beyond the config's bound.
     optim_config = OptimConfig(name="nesterov").model_copy(update={"lr": lr})
@@ -80,7 +82,7 @@ def test_same_seed_gives_identical_history() -> None:
 
 # (loss, acc, val_loss, val_acc) of _run(epochs=3) in one torch thread (the sums' order
 # depends on the thread count), recorded with the loop as it was before it learned about
-# devices (commit d0bde44): device cpu must reproduce them to the last digit.
+# devices (commit d0bde44): device cpu must reproduce them (to ~1e-7, see the test).
 GOLDEN = {
     "fp32": [
         (2.046999931335449, 0.335, 0.9882803559303284, 0.7699999809265137),
@@ -113,7 +115,13 @@ def test_the_loop_on_the_cpu_gives_the_numbers_it_gave_before_devices(
 ) -> None:
     result, _ = _run(epochs=3, precision=precision, device=device)
     got = [(r["loss"], r["acc"], r["val_loss"], r["val_acc"]) for r in result.history]
-    assert got == GOLDEN[precision]
+    # To ~1e-7: the recording host's CPU kernels and another CPU's can round the last fp32
+    # digit differently (one val_loss is 0.98828036 there, 0.98828042 on another host);
+    # on one machine the implicit and the explicit CPU device agree to the last digit.
+    for row, golden in zip(got, GOLDEN[precision], strict=True):
+        assert row == pytest.approx(golden, rel=1e-6, abs=0)
+    reference, _ = _run(epochs=3, precision=precision, device=None)
+    assert got == [(r["loss"], r["acc"], r["val_loss"], r["val_acc"]) for r in reference.history]
 
 
 def test_a_cpu_state_holds_no_cuda_rng_nor_scaler() -> None:

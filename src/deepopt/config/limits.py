@@ -22,6 +22,7 @@ __all__ = [
     "MAX_HEARTBEAT",
     "MAX_HEARTBEAT_GRACE",
     "MAX_IMAGES",
+    "MAX_INITIAL_ACCUMULATOR",
     "MAX_LR",
     "MAX_MIN_DELTA",
     "MAX_REPLICAS",
@@ -38,7 +39,7 @@ __all__ = [
 ]
 
 # Seeds (seed, tune.sampler_seed): numpy's RandomState (Optuna's samplers) takes seeds below
-# 2**32, and member seeds (seed + replica * ensemble + member) stay below that.
+# 2**32, and member seeds (seed + replica + MAX_REPLICAS * member) stay below that.
 MAX_SEED = 2**31 - 1
 # Epochs (train.epochs, tune.epochs, horizon, patience, warmup...): the lecture trains
 # 3-100; 100,000 epochs of the smallest data set already take days.
@@ -64,8 +65,12 @@ MAX_REPLICAS = 100
 MAX_LR = 10.0
 # L2 penalty: at 1 it already outweighs any of these losses.
 MAX_WEIGHT_DECAY = 1.0
-# optim.eps (a numerical safety term, 1e-8 by default): at 1 it is the whole denominator.
+# optim.eps and model.bn_eps (numerical safety terms, 1e-7 and 1e-3 by default, as Keras'):
+# at 1 it is the whole denominator.
 MAX_EPS = 1.0
+# Adagrad's initial accumulator is in squared-gradient units: at 100 the first steps are
+# already 10x smaller than lr (sqrt(100)); Keras' default is 0.1.
+MAX_INITIAL_ACCUMULATOR = 100.0
 # min_delta (early stopping, plateau): no loss or accuracy here changes by 100 in an epoch.
 MAX_MIN_DELTA = 100.0
 # Optuna trials (tune.n_trials, --n-trials, startup trials): each trial is a training run.

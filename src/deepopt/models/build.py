@@ -32,7 +32,11 @@ def build_model(
     PyTorch's defaults (Kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(fan_in),
     1/sqrt(fan_in))), whose weights are up to sqrt(3) times smaller: in a 10-layer ReLU MLP
     without batchnorm that alone shrinks the gradient by about 3x per layer, which would
-    blur the vanishing-gradient study. BatchNorm starts at gamma=1, beta=0 in both.
+    blur the vanishing-gradient study. BatchNorm starts at gamma=1, beta=0 in both, and
+    takes ``cfg.bn_momentum`` and ``cfg.bn_eps`` (Keras' 0.99 and 1e-3 by default).
+    torchvision's networks keep their own BatchNorm settings (PyTorch's 0.1 and 1e-5, those
+    their pretrained weights were trained with): ``cfg.bn_*`` and ``cfg.init`` do not
+    reach them.
     """
     if len(image_shape) != 3 or not all(isinstance(n, int) and n > 0 for n in image_shape):
         raise DataError(
@@ -67,6 +71,8 @@ def _build(cfg: ModelConfig, image_shape: tuple[int, int, int], num_classes: int
             dense_units=cfg.dense_units,
             num_classes=num_classes,
             batchnorm=cfg.batchnorm,
+            bn_momentum=cfg.bn_momentum,
+            bn_eps=cfg.bn_eps,
             activation=cfg.activation,
             dropout=cfg.dropout,
         )
@@ -77,6 +83,8 @@ def _build(cfg: ModelConfig, image_shape: tuple[int, int, int], num_classes: int
             width=cfg.width,
             num_classes=num_classes,
             batchnorm=cfg.batchnorm,
+            bn_momentum=cfg.bn_momentum,
+            bn_eps=cfg.bn_eps,
             activation=cfg.activation,
             dropout=cfg.dropout,
         )
@@ -88,6 +96,8 @@ def _build(cfg: ModelConfig, image_shape: tuple[int, int, int], num_classes: int
             num_classes=num_classes,
             skip=cfg.skip,
             batchnorm=cfg.batchnorm,
+            bn_momentum=cfg.bn_momentum,
+            bn_eps=cfg.bn_eps,
             activation=cfg.activation,
             dropout=cfg.dropout,
         )

@@ -11,7 +11,14 @@ from torch import nn
 from deepopt.errors import ConfigError
 from deepopt.models.layout import LayoutConv2d, NCHWFlatten
 
-__all__ = ["ACTIVATION_TYPES", "MLP", "LectureCNN", "hidden_block", "new_activation"]
+__all__ = [
+    "ACTIVATION_TYPES",
+    "MLP",
+    "LectureCNN",
+    "hidden_block",
+    "new_activation",
+    "new_batchnorm",
+]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -36,6 +43,19 @@ def new_activation(name: str) -> nn.Module:
     except KeyError:
         allowed = ", ".join(sorted(_ACTIVATIONS))
         raise ConfigError(f"model.activation: {name!r} is not one of {allowed}") from None
+
+
+def new_batchnorm(features: int, *, spatial: bool, momentum: float, eps: float) -> nn.Module:
+    """BatchNorm over ``features`` channels (``spatial``: of [B, C, H, W] maps) or units.
+
+    ``momentum`` is PyTorch's, the new batch's weight in the running statistics (Keras'
+    0.99 is 0.01 here); ``eps`` is added to the batch variance. One difference stays:
+    torch's running variance averages the unbiased batch variance (n / (n - 1) times
+    Keras', n the values per channel in a batch: 50 for the dense layer's batches of 50,
+    thousands for a convolution's), which only changes eval mode.
+    """
+    norm = nn.BatchNorm2d if spatial else nn.BatchNorm1d
+    return norm(features, eps=eps, momentum=momentum)
 
 
 def hidden_block(
@@ -87,6 +107,8 @@ class LectureCNN(nn.Sequential):
         dense_units: int,
         num_classes: int,
         batchnorm: bool,
+        bn_momentum: float,
+        bn_eps: float,
         activation: str,
         dropout: float,
     ) -> None:
@@ -98,14 +120,22 @@ class LectureCNN(nn.Sequential):
             conv = LayoutConv2d(
                 previous, channels, _KERNEL, stride=stride, padding=_PADDING, bias=not batchnorm
             )
-            norm: nn.Module | None = nn.BatchNorm2d(channels) if batchnorm else None
+            norm = (
+                new_batchnorm(channels, spatial=True, momentum=bn_momentum, eps=bn_eps)
+                if batchnorm
+                else None
+            )
             layers += hidden_block(index, "conv", conv, norm, activation, dropout)
             height, width = _same_size(height, stride), _same_size(width, stride)
             previous = channels
         layers.append(("flatten", NCHWFlatten()))  # [B, c3, h, w] -> [B, c3 * h * w]
         flat = previous * height * width
         dense = nn.Linear(flat, dense_units, bias=not batchnorm)  # [B, flat] -> [B, units]
-        norm = nn.BatchNorm1d(dense_units) if batchnorm else None
+        norm = (
+            new_batchnorm(dense_units, spatial=False, momentum=bn_momentum, eps=bn_eps)
+            if batchnorm
+            else None
+        )
         layers += hidden_block(len(conv_channels) + 1, "dense", dense, norm, activation, dropout)
         layers.append(("logits", nn.Linear(dense_units, num_classes)))  # -> [B, num_classes]
         super().__init__(OrderedDict(layers))
@@ -128,6 +158,8 @@ class MLP(nn.Sequential):
         width: int,
         num_classes: int,
         batchnorm: bool,
+        bn_momentum: float,
+        bn_eps: float,
         activation: str,
         dropout: float,
     ) -> None:
@@ -135,7 +167,11 @@ class MLP(nn.Sequential):
         previous = math.prod(image_shape)
         for index in range(1, depth + 1):
             dense = nn.Linear(previous, width, bias=not batchnorm)  # [B, previous] -> [B, width]
-            norm = nn.BatchNorm1d(width) if batchnorm else None
+            norm = (
+                new_batchnorm(width, spatial=False, momentum=bn_momentum, eps=bn_eps)
+                if batchnorm
+                else None
+            )
             layers += hidden_block(index, "dense", dense, norm, activation, dropout)
             previous = width
         layers.append(("logits", nn.Linear(previous, num_classes)))  # -> [B, num_classes]

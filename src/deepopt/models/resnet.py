@@ -8,7 +8,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from deepopt.models.lecture import new_activation
+from deepopt.models.lecture import new_activation, new_batchnorm
 
 __all__ = ["ResNet", "ResidualBlock"]
 
@@ -45,15 +45,23 @@ class ResidualBlock(nn.Module):
         *,
         skip: bool,
         batchnorm: bool,
+        bn_momentum: float,
+        bn_eps: float,
         activation: str,
     ) -> None:
         super().__init__()
+
+        def norm() -> nn.Module:
+            if not batchnorm:
+                return nn.Identity()
+            return new_batchnorm(channels, spatial=True, momentum=bn_momentum, eps=bn_eps)
+
         # [B, in, h, w] -> [B, channels, ceil(h / stride), ceil(w / stride)]
         self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=not batchnorm)
-        self.bn1 = nn.BatchNorm2d(channels) if batchnorm else nn.Identity()
+        self.bn1 = norm()
         self.act1 = new_activation(activation)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=not batchnorm)
-        self.bn2 = nn.BatchNorm2d(channels) if batchnorm else nn.Identity()
+        self.bn2 = norm()
         self.shortcut = _Shortcut(stride, channels - in_channels) if skip else None
         self.act2 = new_activation(activation)
 
@@ -88,6 +96,8 @@ class ResNet(nn.Sequential):
         num_classes: int,
         skip: bool,
         batchnorm: bool,
+        bn_momentum: float,
+        bn_eps: float,
         activation: str,
         dropout: float,
     ) -> None:
@@ -96,7 +106,8 @@ class ResNet(nn.Sequential):
             ("conv0", nn.Conv2d(in_channels, base_channels, 3, 1, 1, bias=not batchnorm)),
         ]
         if batchnorm:
-            layers.append(("bn0", nn.BatchNorm2d(base_channels)))
+            bn0 = new_batchnorm(base_channels, spatial=True, momentum=bn_momentum, eps=bn_eps)
+            layers.append(("bn0", bn0))
         layers.append(("act0", new_activation(activation)))
         previous = base_channels
         for stage in range(1, 4):
@@ -110,6 +121,8 @@ class ResNet(nn.Sequential):
                         2 if stage > 1 and index == 1 else 1,
                         skip=skip,
                         batchnorm=batchnorm,
+                        bn_momentum=bn_momentum,
+                        bn_eps=bn_eps,
                         activation=activation,
                     ),
                 )

@@ -13,7 +13,16 @@ __all__ = ["EarlyStopping"]
 
 class EarlyStopping:
     """Keras' EarlyStopping: stop after ``patience`` epochs without an improvement larger
-    than ``min_delta`` (absolute) of the monitored metric."""
+    than ``min_delta`` (absolute) of the monitored metric.
+
+    As Keras (keras/src/callbacks/early_stopping.py, ``on_epoch_end``): ``wait`` counts the
+    epochs since the last improvement, an improving epoch never stops, and a non-improving
+    one stops once ``wait >= patience``. So patience 0 and 1 both stop at the first epoch
+    without improvement, and nothing stops before an epoch has been seen. (tf.keras 2
+    checked ``wait >= patience`` after improving epochs too, so there patience 0 stopped
+    after the first or, from 2021, the second epoch whatever the metric did; every
+    patience >= 1, the lecture's 5 included, behaves the same in all versions.)
+    """
 
     def __init__(self, cfg: EarlyStopConfig) -> None:
         self.enabled = cfg.enabled
@@ -37,7 +46,8 @@ class EarlyStopping:
 
     @property
     def should_stop(self) -> bool:
-        return self.enabled and self.wait >= self.patience
+        """True after a non-improving epoch (wait >= 1) once wait has reached patience."""
+        return self.enabled and self.wait >= max(self.patience, 1)
 
     def state_dict(self) -> dict[str, float | int]:
         return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait}
