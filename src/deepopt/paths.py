@@ -46,6 +46,7 @@ __all__ = [
     "prepared_split_path",
     "repo_root",
     "run_info_path",
+    "runs_history_path",
     "train_metrics_path",
     "transfer_checkpoint_dir",
     "transfer_metrics_path",
@@ -104,6 +105,11 @@ def plots_dir(experiment: str) -> Path:
 
 def history_path(experiment: str) -> Path:
     return plots_dir(experiment) / "history.csv"
+
+
+def runs_history_path(experiment: str) -> Path:
+    """Every member's history (history.csv holds the first run's only, for `dvc plots`)."""
+    return plots_dir(experiment) / "runs.csv"
 
 
 def checkpoint_dir(root: str | Path, experiment: str) -> Path:

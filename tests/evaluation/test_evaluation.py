@@ -10,6 +10,7 @@ from typing import Any
 import matplotlib
 import matplotlib.image
 import pytest
+import scipy.stats
 import torch
 import yaml
 from mlflow import MlflowClient
@@ -205,12 +206,27 @@ def test_ensemble_gets_its_own_run_naming_its_members_once(trained_repo: Path, c
         members = [r for r in run_info["runs"] if r["replica"] == replica["replica"]]
         ids = ",".join(r["run_id"] for r in sorted(members, key=lambda r: r["index"]))
         (run,) = [e for e in ensembles if e.data.tags["ensemble_members"] == ids]
-        assert run.info.run_name == "ens" and run.info.status == "FINISHED"
+        assert run.info.run_name == f"ens replica {replica['replica']} ensemble"
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == run_info["parent_run_id"]
         assert run.data.metrics["test_acc"] == pytest.approx(replica["test_acc"])
         for member, acc in zip(members, replica["member_test_acc"], strict=True):
             assert client.get_run(member["run_id"]).data.metrics["test_acc"] == pytest.approx(acc)
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"confusion.png", "misclassified.png"} <= artifacts
+    # Every network's run has its own name; the parent holds the mean and t interval.
+    names = [client.get_run(r["run_id"]).info.run_name for r in run_info["runs"]]
+    assert len(set(names)) == len(names) == 4
+    parent = client.get_run(run_info["parent_run_id"])
+    assert parent.info.run_name == "ens" and parent.data.tags["deepopt.role"] == "experiment"
+    accuracies = [r["test_acc"] for r in evaluation["runs"]]
+    mean = sum(accuracies) / 2
+    assert parent.data.metrics["test_acc"] == pytest.approx(mean)
+    if accuracies[0] != accuracies[1]:
+        low, high = scipy.stats.t.interval(0.95, 1, loc=mean, scale=scipy.stats.sem(accuracies))
+        assert parent.data.metrics["test_acc_ci95_low"] == pytest.approx(low)
+        assert parent.data.metrics["test_acc_ci95_high"] == pytest.approx(high)
+    assert parent.data.metrics["n_seeds"] == 2
 
 
 def test_evaluate_without_a_trained_model_names_the_train_command(

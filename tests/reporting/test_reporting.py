@@ -13,6 +13,7 @@ from typing import Any
 
 import matplotlib
 import pytest
+import scipy.stats
 import yaml
 
 from deepopt import cli, figures, reporting
@@ -128,9 +129,17 @@ def workspace(
     return _params(base_params)
 
 
+def _table(markdown: str, first_header: str) -> list[str]:
+    """The lines of the markdown table whose header starts with ``first_header``."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
 def _rows(markdown: str) -> dict[str, dict[str, str]]:
-    """The report table as {experiment: {column: cell}}."""
-    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    """The results table as {experiment: {column: cell}}."""
+    lines = _table(markdown, "experiment")
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     rows = {}
     for line in lines[2:]:
@@ -151,6 +160,7 @@ def test_one_row_per_experiment_in_params_order_with_its_values(workspace: Param
     assert rows["bn_sgd_earlystop"] == {
         "experiment": "`bn_sgd_earlystop`",
         "setting": reporting.LECTURE["bn_sgd_earlystop"].setting,
+        "n": "1",
         "test acc": "0.8512",  # 0.85125 at 4 digits, round-half-even on the binary value
         "best val acc": "0.8600",
         "epochs run": "7",
@@ -202,22 +212,31 @@ def _eval_of_replicas(accuracies: list[float], ensemble_size: int = 1) -> dict[s
     }
 
 
-def test_two_seeds_give_mean_and_sample_std(workspace: Params) -> None:
+def _half_width(values: list[float]) -> float:
+    """The half-width of the 95 % Student-t interval of the mean, by scipy."""
+    low, high = scipy.stats.t.interval(
+        0.95, len(values) - 1, loc=statistics.fmean(values), scale=scipy.stats.sem(values)
+    )
+    return float(high - low) / 2
+
+
+def test_rows_show_mean_and_95_percent_t_interval_over_replicas(workspace: Params) -> None:
     runs = [_run(4487, 6, "early_stop", 0.84, 10.0), _run(4488, 9, "max_epochs", 0.87, 14.0)]
-    _write_experiment("bn_sgd_earlystop", runs, _eval_of_replicas([0.85, 0.86]))
+    runs += [_run(4489, 7, "early_stop", 0.85, 11.0)]
+    _write_experiment("bn_sgd_earlystop", runs, _eval_of_replicas([0.85, 0.86, 0.853]))
     report.main(workspace)
     markdown = _markdown()
     row = _rows(markdown)["bn_sgd_earlystop"]
-    assert row["test acc"] == f"0.8550 ± {statistics.stdev([0.85, 0.86]):.4f}"
-    assert row["best val acc"] == f"0.8550 ± {statistics.stdev([0.84, 0.87]):.4f}"
-    assert row["epochs run"] == f"7.5 ± {statistics.stdev([6, 9]):.1f}"
-    assert row["stop reason"] == "early_stop (1), max_epochs (1)"
-    assert row["train s"] == f"12.0 ± {statistics.stdev([10.0, 14.0]):.1f}"
-    assert "sample standard deviation over an experiment's replicas (matrix.seeds: n = 2)" in (
-        markdown
-    )
-    assert "`bn_sgd_earlystop` seed 4487" in markdown  # the curves are of the first run
+    assert row["n"] == "3"
+    assert row["test acc"] == f"0.8543 ± {_half_width([0.85, 0.86, 0.853]):.4f}"
+    assert row["best val acc"] == f"0.8533 ± {_half_width([0.84, 0.87, 0.85]):.4f}"
+    assert row["epochs run"] == f"7.3 ± {_half_width([6, 9, 7]):.1f}"
+    assert row["stop reason"] == "early_stop (2), max_epochs (1)"
+    assert row["train s"] == f"11.7 ± {_half_width([10.0, 14.0, 11.0]):.1f}"
+    assert "95 % confidence interval, Student t" in markdown
+    assert f"the band the {reporting.BAND}" in markdown  # the curves' band is said
     assert _rows(markdown)["my_new_idea"]["test acc"] == "0.7900"  # one run: no ±
+    assert _rows(markdown)["my_new_idea"]["n"] == "1"
 
 
 def test_ensemble_replica_counts_once_with_its_members_mean_and_summed_time(
@@ -234,9 +253,11 @@ def test_ensemble_replica_counts_once_with_its_members_mean_and_summed_time(
     report.main(workspace)
     markdown = _markdown()
     row = _rows(markdown)["my_new_idea"]
-    assert row["best val acc"] == f"0.8300 ± {statistics.stdev([0.82, 0.84]):.4f}"
-    assert row["epochs run"] == "5.0 ± 0.0"
-    assert row["train s"] == f"5.5 ± {statistics.stdev([3.0, 8.0]):.1f}"
+    assert row["best val acc"] == f"0.8300 ± {_half_width([0.82, 0.84]):.4f}"
+    assert row["epochs run"] == "5"  # every replica's members ran 5 epochs on average
+    assert row["train s"] == f"5.5 ± {_half_width([3.0, 8.0]):.1f}"
+    assert row["test acc"] == f"0.9050 ± {_half_width([0.9, 0.91]):.4f}"  # the ensembles'
+    assert row["n"] == "2"
     assert "Ensembles (`my_new_idea`): test acc is the ensemble's" in markdown
 
 
@@ -282,14 +303,16 @@ VAL_LOSS_PNG = (
     "from deepopt.figures import png_bytes\n"
     "from deepopt.reporting import parse_history, val_loss_figure\n"
     f"history = parse_history({HISTORY!r}, 'history.csv')\n"
-    "blob = png_bytes(lambda: val_loss_figure({'a': history, 'b': history}))\n"
+    "blob = png_bytes(lambda: val_loss_figure({'a': [history], 'b': [history, history]}))\n"
     "sys.stdout.buffer.write(blob)\n"
 )
 
 
 def _val_loss_png() -> bytes:
     history = reporting.parse_history(HISTORY, "history.csv")
-    return figures.png_bytes(lambda: reporting.val_loss_figure({"a": history, "b": history}))
+    return figures.png_bytes(
+        lambda: reporting.val_loss_figure({"a": [history], "b": [history, history]})
+    )
 
 
 def test_rcparams_changed_in_process_leave_the_png_bytes_unchanged() -> None:
@@ -299,7 +322,7 @@ def test_rcparams_changed_in_process_leave_the_png_bytes_unchanged() -> None:
         assert matplotlib.rcParams["axes.facecolor"] == "red"  # the caller's rc is left alone
     with matplotlib.rc_context(USER_STYLE):  # a Figure built beforehand keeps its own style
         history = reporting.parse_history(HISTORY, "history.csv")
-        built = reporting.val_loss_figure({"a": history, "b": history})
+        built = reporting.val_loss_figure({"a": [history], "b": [history, history]})
     assert figures.png_bytes(built) != pinned
 
 

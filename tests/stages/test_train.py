@@ -36,11 +36,12 @@ def _history(work: Path, name: str = "small") -> list[dict[str, str]]:
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
-def _runs(work: Path) -> list[Any]:
+def _runs(work: Path, role: str = "seed") -> list[Any]:
+    """The seed runs (role "seed") or the experiments' parent runs ("experiment")."""
     client = MlflowClient()
     experiment = client.get_experiment_by_name("deepopt")
     assert experiment is not None
-    return list(client.search_runs([experiment.experiment_id]))
+    return list(client.search_runs([experiment.experiment_id], f"tags.`deepopt.role` = '{role}'"))
 
 
 def test_outputs_and_mlflow_run(
@@ -61,7 +62,13 @@ def test_outputs_and_mlflow_run(
     run_info = json.loads((work / "models/small/run.json").read_text())
     (run,) = _runs(work)
     assert run.info.run_id == run_info["runs"][0]["run_id"]
-    assert run.info.status == "FINISHED" and run.info.run_name == "small"
+    assert run.info.status == "FINISHED" and run.info.run_name == "small seed 4487"
+    (parent,) = _runs(work, "experiment")
+    assert parent.info.run_id == run_info["parent_run_id"] == run.data.tags["mlflow.parentRunId"]
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "small"
+    assert parent.data.metrics["best_val_acc"] == metrics["best_val_acc"]
+    assert parent.data.metrics["n_seeds"] == 1
+    assert "best_val_acc_ci95_low" not in parent.data.metrics  # one seed: no interval
     assert run.data.params["optim.lr"] == "0.02" and run.data.params["optim.name"] == "nesterov"
     assert run.data.params["train.epochs"] == "3"
     for tag in ("git_commit", "dataset", "data_digest", "torch_version", "seed", "stop_reason"):
@@ -143,6 +150,10 @@ def test_killed_training_resumes_to_the_uninterrupted_result(
     resumed = MlflowClient().get_run(interrupted.info.run_id)
     assert resumed.info.status == "FINISHED"  # the same run, continued
     assert len(_runs(work)) == 2  # the reference run and the interrupted-then-resumed one
+    # One parent per checkpoint folder (it is part of the config), the interrupted one
+    # continued and ended too.
+    parents = _runs(work, "experiment")
+    assert len(parents) == 2 and {p.info.status for p in parents} == {"FINISHED"}
     steps = [m.step for m in MlflowClient().get_metric_history(resumed.info.run_id, "val_loss")]
     assert sorted(steps) == list(range(6))
 

@@ -78,7 +78,7 @@ def test_a_second_train_of_the_same_experiment_refuses_while_the_first_trains(
     client = MlflowClient()
     experiment = client.get_experiment_by_name("deepopt")
     assert experiment is not None
-    runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'small'")
+    runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'small seed 4487'")
     newest = max(runs, key=lambda run: run.info.start_time)
     assert newest.info.run_id == saved["run_id"] and newest.info.status == "FINISHED"
     assert len(client.get_metric_history(newest.info.run_id, "val_loss")) == EPOCHS

@@ -45,6 +45,7 @@ def test_stage_outputs_are_the_paths_the_code_writes() -> None:
     assert _for(train, "outs", name) == [
         str(paths.model_path(name)),
         str(paths.run_info_path(name)),
+        str(paths.runs_history_path(name)),
     ]
     assert _for(train, "metrics", name) == [str(paths.train_metrics_path(name))]
     assert _for(train, "plots", name) == [str(paths.history_path(name))]

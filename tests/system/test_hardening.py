@@ -267,8 +267,12 @@ def test_two_trainings_and_a_two_worker_tune_at_once_record_every_run_and_metric
     assert [e.name for e in client.search_experiments()].count("deepopt") == 1
     runs = _mlflow_runs(client)
     assert all(run.info.status == "FINISHED" for run in runs)
-    trainings = {r.info.run_name: r for r in runs if r.info.run_name in ("first", "second")}
-    assert sorted(trainings) == ["first", "second"]
+    seed_runs = [r for r in runs if r.data.tags.get("deepopt.role") == "seed"]
+    trainings = {r.data.tags["experiment"]: r for r in seed_runs}
+    assert sorted(trainings) == ["first", "second"] and len(seed_runs) == 2
+    assert {r.info.run_name for r in seed_runs} == {"first seed 4487", "second seed 4487"}
+    parents = [r for r in runs if r.data.tags.get("deepopt.role") == "experiment"]
+    assert sorted(r.info.run_name for r in parents) == ["first", "second"]
     for name, run in trainings.items():
         assert run.data.params["optim.lr"] == ("0.02" if name == "first" else "0.03")
         lines = (work / "plots" / name / "history.csv").read_text().splitlines()

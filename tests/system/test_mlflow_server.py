@@ -59,7 +59,7 @@ def test_train_records_run_metrics_and_artifacts_through_the_server(
         run_id = member["run_id"]
 
         run = _rest(server.uri, "runs/get", run_id=run_id)["run"]
-        assert run["info"]["status"] == "FINISHED" and run["info"]["run_name"] == "small"
+        assert run["info"]["status"] == "FINISHED" and run["info"]["run_name"] == "small seed 4487"
         assert run["info"]["artifact_uri"].startswith("mlflow-artifacts:/")  # proxied
         params = {p["key"]: p["value"] for p in run["data"]["params"]}
         assert params["optim.name"] == "nesterov" and params["train.epochs"] == "3"

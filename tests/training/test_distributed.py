@@ -94,11 +94,11 @@ def _client() -> MlflowClient:
 
 
 def _runs() -> list[Any]:
-    """The MLflow runs of torchrun jobs (tagged with their world size)."""
+    """The seed runs of torchrun jobs (tagged with their world size; not their parents)."""
     client = _client()
     experiment = client.get_experiment_by_name("deepopt")
     assert experiment is not None
-    runs = client.search_runs([experiment.experiment_id])
+    runs = client.search_runs([experiment.experiment_id], "tags.`deepopt.role` = 'seed'")
     return [run for run in runs if "world_size" in run.data.tags]
 
 

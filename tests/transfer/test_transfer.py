@@ -1,5 +1,6 @@
-"""Transfer learning: disjoint class tasks, nested few-shot sets, frozen backbones, the
-modes' param groups, the report, and a tiny pretrain -> finetune chain end to end."""
+"""Transfer learning: disjoint class tasks, nested few-shot sets per seed, frozen backbones,
+the modes' param groups, and a tiny pretrain -> finetune chain over two seeds end to end
+(the report's table and claim: test_transfer_report.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from torch import nn
 
 from deepopt import cli, paths
 from deepopt.config import ModelConfig, parse_params
+from deepopt.config.limits import MAX_REPLICAS
 from deepopt.data import RawData, Split
 from deepopt.errors import ConfigError
 from deepopt.models import build_model
@@ -25,11 +27,12 @@ from deepopt.transfer import (
     few_shot,
     finetune_repeats,
     load_backbone,
+    load_task,
     make_task,
     param_groups,
-    render_report,
+    seeded_pool,
     select_classes,
-    transfer_table,
+    split_digest,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,6 +111,30 @@ def test_few_shot_sets_are_per_class_and_nested() -> None:
     assert set(task.val.images[:, 0, 0].tolist()).isdisjoint(task.train.images[:, 0, 0].tolist())
     with pytest.raises(ConfigError, match=r"transfer\.target_sizes: 11 per class is more"):
         few_shot(task.train, 11, 3)
+
+
+def test_a_seed_draws_its_own_nested_labelled_sets_from_the_pool() -> None:
+    task = _task(_raw(), (5, 6, 7), train=20)
+    first, again, other = (seeded_pool(task.train, 3, seed) for seed in (4487, 4487, 4488))
+    assert torch.equal(first.images, again.images)  # a seed always draws the same images
+
+    def pixels(split: Split, per_class: int) -> list[int]:
+        return few_shot(split, per_class, 3).images[:, 0, 0].tolist()
+
+    assert set(pixels(first, 2)) < set(pixels(first, 6))  # nested within a seed
+    assert set(pixels(first, 6)) != set(pixels(other, 6))  # another seed, other images
+    assert torch.bincount(few_shot(other, 6, 3).labels, minlength=3).tolist() == [6, 6, 6]
+    assert sorted(pixels(first, 20)) == sorted(task.train.images[:, 0, 0].tolist())
+    assert split_digest(few_shot(first, 6, 3)) != split_digest(few_shot(other, 6, 3))
+
+
+@pytest.mark.parametrize("seeds", [0, MAX_REPLICAS + 1, "three", 2.5])
+def test_a_bad_transfer_seeds_is_a_one_line_config_error(seeds: object) -> None:
+    pattern = rf"^params\.yaml: transfer\.seeds: .+ <= {MAX_REPLICAS}$"
+    with pytest.raises(ConfigError, match=pattern) as err:
+        parse_params({"transfer": {"seeds": seeds}})
+    assert "\n" not in str(err.value)
+    assert parse_params({}).transfer.seeds == 3
 
 
 def test_a_task_needing_more_images_than_a_class_has_is_a_config_error() -> None:
@@ -200,50 +227,6 @@ def test_scratch_starts_from_random_weights_even_if_pretraining_started_from_a_f
 
 
 # ---------------------------------------------------------------------------------------
-# the report
-
-
-RUNS = [
-    {"mode": m, "per_class": s, "test_acc": a, "final_val_acc": a, "train_images": 5 * s}
-    | {"repeats": 1, "steps": 10, "train_seconds": 1.0, "run_id": f"r{m}{s}"}
-    for m, s, a in [
-        ("linear_probe", 10, 0.61),
-        ("finetune", 10, 0.72),
-        ("scratch", 10, 0.55),
-        ("linear_probe", 200, 0.8),
-        ("finetune", 200, 0.9),
-        ("scratch", 200, 0.88),
-    ]
-]
-
-
-def test_transfer_table_has_a_row_per_size_and_a_column_per_mode() -> None:
-    assert transfer_table(RUNS) == [
-        "| labelled / class | linear probe | fine-tune | from scratch |",
-        "|---:|---:|---:|---:|",
-        "| 10 | 0.6100 | 0.7200 | 0.5500 |",
-        "| 200 | 0.8000 | 0.9000 | 0.8800 |",
-    ]
-
-
-def test_report_names_the_source_run_and_links_the_plot() -> None:
-    task = {"dataset": "fashion-mnist", "classes": [0, 1], "class_names": ["a", "b"]}
-    summary = {
-        "source": {**task, "train_images": 100, "test_acc": 0.9, "run_id": "SRC"},
-        "target": {**task, "test_images": 2000},
-        "model": "resnet",
-        "epochs": 3,
-        "backbone_lr_scale": 0.1,
-        "min_batches": 30,
-        "runs": RUNS,
-    }
-    text = render_report(summary, "accuracy_vs_size.png")
-    assert "MLflow run `SRC`" in text and "](accuracy_vs_size.png)" in text
-    assert "| 10 | 0.6100 | 0.7200 | 0.5500 |" in text
-    assert text.count("\n| fine-tune | ") == 2  # one detail row per run of the mode
-
-
-# ---------------------------------------------------------------------------------------
 # the pipeline
 
 
@@ -286,7 +269,7 @@ def test_make_repro_does_not_run_the_transfer_stages() -> None:
 
 
 @pytest.mark.slow
-def test_pretrain_then_finetune_end_to_end(
+def test_pretrain_then_finetune_over_two_seeds_end_to_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base_params: dict[str, Any]
 ) -> None:
     from deepopt import tracking
@@ -299,6 +282,7 @@ def test_pretrain_then_finetune_end_to_end(
             "source_per_class": 40,
             "val_per_class": 10,
             "target_sizes": [2, 6],
+            "seeds": 2,
             "pretrain_epochs": 2,
             "finetune_epochs": 2,
             "finetune_min_batches": 2,
@@ -312,21 +296,54 @@ def test_pretrain_then_finetune_end_to_end(
     pretrained = torch.load(paths.transfer_model_path(), weights_only=True)
     assert pretrained["num_classes"] == 5 and pretrained["classes"] == [0, 1, 2, 3, 4]
     summary = json.loads(paths.transfer_metrics_path("finetune").read_text())
-    cells = {(r["mode"], r["per_class"]) for r in summary["runs"]}
-    assert cells == {(m, s) for m in ("linear_probe", "finetune", "scratch") for s in (2, 6)}
+    seed = params["seed"]
+    assert summary["seeds"] == [seed, seed + 1]
+    modes = ("linear_probe", "finetune", "scratch")
+    cells = [(r["mode"], r["per_class"], r["seed"]) for r in summary["runs"]]
+    assert sorted(cells) == sorted(
+        (m, s, k) for m in modes for s in (2, 6) for k in (seed, seed + 1)
+    )
     assert all(0.0 <= r["test_acc"] <= 1.0 for r in summary["runs"])
     assert summary["target"]["test_images"] == 5000  # every test image of classes 5-9
+    # One seed's modes learn from the same labelled images, the seed's own draw of the pool.
+    parsed = parse_params(params)
+    task = load_task(
+        parsed.transfer.target,
+        root=Path(parsed.data.root),
+        train_per_class=None,
+        val_per_class=10,
+        seed=seed,
+        key="transfer.target",
+    )
+    drawn = {
+        (s, k): split_digest(few_shot(seeded_pool(task.train, 5, k), s, 5))
+        for s in (2, 6)
+        for k in (seed, seed + 1)
+    }
+    assert len(set(drawn.values())) == 4  # another seed or size, other images
+    for run in summary["runs"]:
+        assert run["train_digest"] == drawn[(run["per_class"], run["seed"])], run
     report = paths.transfer_report_path().read_text()
-    assert "| 2 |" in report and "| 6 |" in report
+    assert "| 2 |" in report and "| 6 |" in report and "(n = 2)" in report
+    assert "| a pretrained backbone helps most when labels are few | fine-tune |" in report
     assert paths.transfer_plot_path().read_bytes().startswith(b"\x89PNG")
-    # Every fine-tune is tagged with, and nested under, the pretrain run.
+    # Every fine-tune is its own run, named by mode, size and seed, tagged with (and nested
+    # under) the pretrain run.
     client = tracking.store._client()
+    names = set()
     for entry in summary["runs"]:
         run = client.get_run(entry["run_id"])
+        names.add(run.info.run_name)
+        assert (
+            run.info.run_name == f"{entry['mode']} size={entry['per_class']} seed={entry['seed']}"
+        )
+        assert run.data.tags["seed"] == str(entry["seed"])
+        assert run.data.tags["replica"] == str(entry["seed"] - seed)
         assert run.data.tags["source_run_id"] == pretrained["run_id"]
         assert run.data.tags["mlflow.parentRunId"] == pretrained["run_id"]
         assert run.data.tags["transfer_mode"] == entry["mode"]
         assert run.data.metrics["test_acc"] == pytest.approx(entry["test_acc"])
+    assert len(names) == len(summary["runs"]) == 12
     # A second run reuses every finished checkpoint: the same runs, the same accuracies.
     assert cli.main(["finetune"]) == 0
     again = json.loads(paths.transfer_metrics_path("finetune").read_text())

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
-from deepopt.config.limits import MAX_EPOCHS, MAX_IMAGES
+from deepopt.config.limits import MAX_EPOCHS, MAX_IMAGES, MAX_REPLICAS
 from deepopt.config.run import DatasetName, Strict
 
 __all__ = ["TRANSFER_MODES", "TransferConfig", "TransferMode", "TransferTask"]
@@ -41,10 +41,14 @@ class TransferConfig(Strict):
     source_per_class: PerClass | None = 2000
     # Held out of the training files, per class, for validation (source and target alike).
     val_per_class: PerClass = 100
-    # Labelled training images per target class: one fine-tune per size and mode; the
-    # smaller sets are subsets of the larger ones.
+    # Labelled training images per target class: one fine-tune per size, mode and seed; a
+    # seed's smaller sets are subsets of its larger ones.
     target_sizes: tuple[PerClass, ...] = Field((2, 10, 50, 200, 1000), min_length=1)
     modes: tuple[TransferMode, ...] = Field(("linear_probe", "finetune", "scratch"), min_length=1)
+    # Every fine-tune (size x mode) runs once per seed, seed + k for k < seeds: seed + k
+    # draws its labelled images and initialises its new head, so the modes pair by seed.
+    # The pretrained backbone is one run (seed) for all of them.
+    seeds: int = Field(3, ge=1, le=MAX_REPLICAS)
     # finetune: the backbone's learning rate is optim.lr times this (1 = the same).
     backbone_lr_scale: float = Field(1.0, gt=0.0, le=1.0)
     pretrain_epochs: int = Field(5, ge=1, le=MAX_EPOCHS)

@@ -15,6 +15,7 @@ from deepopt.evaluation.trained import (
     check_shapes,
     load_run_ids,
     load_trained,
+    parent_run_id,
     retrain_hint,
 )
 
@@ -29,6 +30,7 @@ __all__ = [
     "load_run_ids",
     "load_trained",
     "log_to_mlflow",
+    "parent_run_id",
     "replica_metrics",
     "replica_pngs",
     "retrain_hint",

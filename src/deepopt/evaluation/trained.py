@@ -23,6 +23,7 @@ __all__ = [
     "check_shapes",
     "load_run_ids",
     "load_trained",
+    "parent_run_id",
     "retrain_hint",
 ]
 
@@ -134,6 +135,14 @@ def load_run_ids(path: Path, trained: Trained) -> tuple[str, dict[tuple[int, int
                 f"(seed {member.seed}) of the model file; {hint}"
             )
     return experiment_id, runs
+
+
+def parent_run_id(path: Path) -> str | None:
+    """The experiment's parent run in run.json (None in a run.json from before parents);
+    call after ``load_run_ids`` has checked the file."""
+    info = json.loads(path.read_text(encoding="utf-8"))
+    parent = info.get("parent_run_id")
+    return str(parent) if parent is not None else None
 
 
 def check_shapes(trained: Trained, num_classes: int, test_shape: tuple[int, ...]) -> None:

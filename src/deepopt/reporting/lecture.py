@@ -39,6 +39,7 @@ LECTURE: dict[str, LectureFigure] = {
     ),
     "bn_sgd_linear": LectureFigure("BN CNN, Nesterov SGD, linear LR 0.02 → 0.0001", 0.9799, 50),
     "bn_adam": LectureFigure("BN CNN, Adam lr 0.01, early stopping", 0.9608, 12),
+    "nobn": LectureFigure("CNN without BN (the plain network the no-BN rows improve)", None, None),
     "nobn_l2": LectureFigure("CNN without BN, L2 regularization", 0.966, None),
     "nobn_dropout": LectureFigure("CNN without BN, dropout", 0.968, None),
     "nobn_ensemble": LectureFigure("CNN without BN, 5-member ensemble", 0.970, None),

@@ -1,5 +1,6 @@
-"""reports/lecture.md as text: the experiments' table beside the lecture's figures, the
-notes on how to read it, the plot links and the plain-vs-residual table (all pure)."""
+"""reports/lecture.md as text: the experiments' table (mean ± 95 % t interval over
+replicas) beside the lecture's figures, the notes on how to read it, the claims table, the
+plot links and the plain-vs-residual table (all pure)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from deepopt.reporting.claims import MEASURES, ClaimRow
+from deepopt.reporting.figures import BAND
 from deepopt.reporting.lecture import LECTURE, LECTURE_DATASET
-from deepopt.reporting.results import DeepRow, Stat, Summary
+from deepopt.reporting.results import DeepRow, Summary
+from deepopt.stats import ALPHA, Interval
 
 __all__ = ["MISSING", "difference_notes", "render_markdown"]
 
@@ -39,10 +43,10 @@ def _deep_section(rows: Sequence[DeepRow], plot_file: str | None) -> list[str]:
             "yes" if row.skip else "no",
             "yes" if row.batchnorm else "no",
             str(row.epochs),
-            f"{row.final_loss:.4f}",
-            f"{row.final_acc:.4f}",
-            row.test_acc.format(4),
-            MISSING if math.isnan(row.grad_ratio) else f"{row.grad_ratio:.3f}",
+            _value(row.final_loss, 4),
+            _value(row.final_acc, 4),
+            _value(row.test_acc, 4),
+            _value(row.grad_ratio, 3),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
@@ -67,9 +71,17 @@ def _stop_reasons(reasons: Sequence[str]) -> str:
     return ", ".join(f"{reason} ({reasons.count(reason)})" for reason in distinct)
 
 
-def _epochs(stat: Stat) -> str:
-    whole = stat.std is None and stat.mean.is_integer()
-    return stat.format(0) if whole else stat.format(1)
+def _value(interval: Interval, digits: int) -> str:
+    """Mean ± half-width of the 95 % interval; the value alone at n = 1; — at n = 0."""
+    return MISSING if math.isnan(interval.mean) else interval.format(digits)
+
+
+def _epochs(interval: Interval) -> str:
+    """Whole epochs when every replica ran the same, else the mean ± half-width to 0.1."""
+    same = math.isnan(interval.half_width) or interval.half_width == 0
+    if same and interval.mean.is_integer():
+        return f"{interval.mean:.0f}"
+    return _value(interval, 1)
 
 
 def _lecture_acc(name: str) -> str:
@@ -87,6 +99,7 @@ def _table(summaries: Sequence[Summary], lecture_header: str) -> list[str]:
     header = [
         "experiment",
         "setting",
+        "n",
         "test acc",
         "best val acc",
         "epochs run",
@@ -96,18 +109,19 @@ def _table(summaries: Sequence[Summary], lecture_header: str) -> list[str]:
     ]
     lines = [
         "| " + " | ".join(header) + " |",
-        "|---|---|---:|---:|---:|---|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|",
     ]
     for s in summaries:
         figure = LECTURE.get(s.name)
         cells = [
             f"`{s.name}`",
             _escape(figure.setting) if figure else MISSING,
-            s.test_acc.format(4),
-            s.best_val_acc.format(4),
+            str(s.replicas),
+            _value(s.test_acc, 4),
+            _value(s.best_val_acc, 4),
             _epochs(s.epochs_run),
             _stop_reasons(s.stop_reasons),
-            s.train_seconds.format(1),
+            _value(s.train_seconds, 1),
             _lecture_acc(s.name),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -134,22 +148,103 @@ def difference_notes(dataset: str, summaries: Sequence[Summary]) -> list[str]:
 
 
 def _reading_notes(summaries: Sequence[Summary]) -> list[str]:
-    """How to read the table's ± and ensemble rows, only when there are such rows (pure)."""
-    notes = []
-    replicated = sorted({s.replicas for s in summaries if s.replicas > 1})
-    if replicated:
-        counts = ", ".join(str(n) for n in replicated)
-        notes.append(
-            "± is the sample standard deviation over an experiment's replicas "
-            f"(matrix.seeds: n = {counts})."
-        )
+    """How to read the table's ± and ensemble rows (pure)."""
+    notes = [
+        "Each value is the mean over the experiment's n replicas (matrix.seeds; replica r "
+        "trains with seed + r), ± the half-width of its 95 % confidence interval, Student t "
+        "with n − 1 degrees of freedom; a row with n = 1 shows its value alone."
+    ]
     ensembles = [f"`{s.name}`" for s in summaries if s.ensemble_size > 1]
     if ensembles:
         notes.append(
-            f"Ensembles ({', '.join(ensembles)}): test acc is the ensemble's; best val acc "
-            "and epochs run are its members' mean, train s their sum."
+            f"Ensembles ({', '.join(ensembles)}): test acc is the ensemble's, one value per "
+            "replica; best val acc and epochs run are its members' mean, train s their sum."
         )
     return notes
+
+
+def _p(p: float) -> str:
+    if math.isnan(p):
+        return MISSING
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _experiments(row: ClaimRow) -> str:
+    claim = row.claim
+    if claim.b is None:
+        return f"`{claim.a}` vs {claim.reference:g}"
+    return f"`{claim.a}` − `{claim.b}`"
+
+
+def _difference(row: ClaimRow) -> str:
+    if row.result is None:
+        return MISSING
+    difference, digits = row.result.difference, MEASURES[row.claim.measure].digits
+    text = f"{difference.mean:+.{digits}f}"
+    if not math.isnan(difference.half_width):
+        text += f" ± {difference.half_width:.{digits}f}"
+    return text
+
+
+def _claim_text(row: ClaimRow) -> str:
+    claim = row.claim
+    if claim.b is None:
+        return f"{claim.text} (H1: mean > {claim.reference:g})"
+    sign = ">" if claim.side == "greater" else "<"
+    bound = f"−{claim.margin:g}" if claim.margin else "0"
+    return f"{claim.text} (H1: a − b {sign} {bound})"
+
+
+def _claims_section(rows: Sequence[ClaimRow]) -> list[str]:
+    """The claims table and how it was computed (pure)."""
+    lines = [
+        "## The lecture's claims",
+        "",
+        "One row per claim of the lecture, tested on this run's experiments. Difference: "
+        "a − b replica by replica (replica r of both trained with seed + r: the same data "
+        "order and, where the architectures match, the same initial weights), its mean ± "
+        "the half-width of its 95 % Student-t interval; a one-sample row tests the "
+        "experiment's values against the stated reference. p: the one-sided t test of the "
+        "claimed side (paired, or one-sample; for a no-worse-than claim the "
+        "non-inferiority test, H0: a − b ≤ −margin); p Holm: Holm-Bonferroni adjusted "
+        f"across the table's rows. Supported: p Holm < {ALPHA:g} and the whole interval "
+        "on the claimed side. Contradicted: the two-sided test at the same boundary, "
+        "Holm-adjusted the same way, rejects and the whole interval lies on the other "
+        "side. Anything else is inconclusive at this n: overlapping intervals are never "
+        "counted as support. Not run: an experiment of the claim is not in this run.",
+        "",
+        "| claim | experiments | measure | paired difference (95 % CI) | p (paired t) | "
+        "p Holm | verdict | lecture |",
+        "|---|---|---|---:|---:|---:|---|---|",
+    ]
+    for row in rows:
+        cells = [
+            _escape(_claim_text(row)),
+            _experiments(row),
+            MEASURES[row.claim.measure].label,
+            _difference(row),
+            _p(math.nan if row.result is None else row.result.p_value),
+            _p(row.p_holm),
+            row.verdict,
+            _escape(row.claim.lecture),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    wilcoxon = [
+        f"{_experiments(row)} {_p(row.wilcoxon)}" for row in rows if not math.isnan(row.wilcoxon)
+    ]
+    if wilcoxon:
+        lines += [
+            "Wilcoxon signed-rank p of the same pairs and side (unadjusted; with n pairs it "
+            "is never below 1/2^n, 0.125 at n = 3, so the t test decides): "
+            + ", ".join(wilcoxon)
+            + ".",
+            "",
+        ]
+    notes = [f"- {_experiments(row)}: {row.note}." for row in rows if row.note]
+    if notes:
+        lines += ["Unequal replicas:", "", *notes, ""]
+    return lines
 
 
 def _data_line(dataset: str, meta: Mapping[str, Any]) -> str:
@@ -172,11 +267,13 @@ def render_markdown(
     meta: Mapping[str, Any],
     plot_files: Mapping[str, str],
     deep: Sequence[DeepRow] = (),
+    claims: Sequence[ClaimRow] = (),
 ) -> str:
     """The whole of reports/lecture.md (pure: same inputs, same text).
 
-    One table row per experiment (mean ± sample std over replicas when matrix.seeds > 1)
-    beside the lecture's MNIST test accuracy for the same setting (``LECTURE``); the resnet
+    One table row per experiment (mean ± 95 % t interval over replicas, and n) beside the
+    lecture's MNIST test accuracy for the same setting (``LECTURE``), then the claims
+    table (``claims``: ``reporting.claims.evaluate_claims``); the resnet
     experiments (plain_20, resnet_20: the same 20 layers without and with skips) also get
     the "Going deeper" table and their own gradient-norm plot.
     """
@@ -198,17 +295,15 @@ def render_markdown(
     notes = difference_notes(dataset, summaries)
     if notes:
         lines += ["Differences from the lecture:", "", *(f"- {note}" for note in notes), ""]
-    first_runs = ", ".join(
-        f"`{s.name}` seed {s.first_seed}"
-        for s in summaries
-        if s.replicas > 1 or s.ensemble_size > 1
-    )
+    if claims:
+        lines += _claims_section(claims)
     lines += [
         "## Plots",
         "",
-        "Curves are each experiment's first run"
-        + (f" ({first_runs})." if first_runs else ".")
-        + " Epochs count from 1.",
+        "Validation loss and gradient norms: the line is the mean over an experiment's "
+        f"replicas (member 0 of each, for an ensemble), the band the {BAND}; after an "
+        "early-stopped replica's last epoch the mean is over the replicas still training. "
+        "The learning rate is replica 0's. Epochs count from 1.",
         "",
         "Validation loss of every experiment:",
         "",

@@ -1,29 +1,49 @@
-"""What the pipeline wrote, read for the report: ``metrics/<name>/{train,eval}.json`` and
-``plots/<name>/history.csv`` (never MLflow), and each experiment's table row from them."""
+"""Each experiment's values replica by replica, from what ``reporting.reading`` read of
+``metrics/<name>/{train,eval}.json``, ``history.csv`` and ``runs.csv``, and its table row
+from them (mean and 95 % t interval over replicas).
+
+train.json lists every trained network under "runs", replica-major (replica 0's members,
+then replica 1's, ...); replica r of every experiment trained with seed + r, so values
+keyed by replica index pair across experiments. Older single-run files (no "runs", no
+"replica") still read: the file itself is replica 0.
+"""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from deepopt import paths
 from deepopt.config import Params, resolve_experiment
 from deepopt.errors import DataError, one_line
-from deepopt.paths import BASE_EXPERIMENT, BEST_EXPERIMENT
+from deepopt.reporting.reading import (
+    GRAD_PREFIX,
+    REPRO,
+    ZERO_PREFIX,
+    ExperimentResult,
+    History,
+    RunHistory,
+    checked_ensemble_size,
+    dataset_name,
+    experiment_names,
+    load_experiment,
+    parse_history,
+    parse_runs,
+    read_meta,
+    train_runs,
+)
+from deepopt.stats import Interval, mean_interval
 
 __all__ = [
     "GRAD_PREFIX",
+    "ZERO_PREFIX",
     "DeepRow",
     "ExperimentResult",
     "History",
-    "Stat",
+    "RunHistory",
     "Summary",
     "dataset_name",
     "deep_rows",
@@ -31,261 +51,134 @@ __all__ = [
     "layer_order",
     "load_experiment",
     "parse_history",
+    "parse_runs",
     "read_meta",
+    "replica_curves",
+    "replica_means",
+    "replica_test_acc",
     "summarize",
+    "train_runs",
 ]
-
-_RUN_KEYS = ("seed", "epochs_run", "stop_reason", "best_val_acc", "train_seconds")
-_HISTORY_COLUMNS = ("epoch", "val_loss", "lr")
-GRAD_PREFIX = "grad_norm/"  # history.csv's per-layer gradient-norm columns
-
-
-@dataclass(frozen=True)
-class Stat:
-    """A value over an experiment's replicas: the mean, and the sample std when several."""
-
-    mean: float
-    std: float | None = None
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> Stat:
-        if len(values) == 1:
-            return cls(float(values[0]))
-        return cls(statistics.fmean(values), statistics.stdev(values))
-
-    def format(self, digits: int) -> str:
-        text = f"{self.mean:.{digits}f}"
-        return text if self.std is None else f"{text} ± {self.std:.{digits}f}"
-
-
-@dataclass(frozen=True)
-class History:
-    """history.csv of an experiment's first run: its columns in header order, as floats."""
-
-    columns: tuple[str, ...]
-    values: dict[str, list[float]]
-
-
-@dataclass(frozen=True)
-class ExperimentResult:
-    """What the pipeline wrote for one experiment, as read from disk."""
-
-    name: str
-    train: dict[str, Any]  # metrics/<name>/train.json
-    evaluation: dict[str, Any]  # metrics/<name>/eval.json
-    history: History
 
 
 @dataclass(frozen=True)
 class Summary:
-    """One table row, before formatting."""
+    """One table row, before formatting: each value's mean and t interval over replicas."""
 
     name: str
-    test_acc: Stat
-    best_val_acc: Stat
-    epochs_run: Stat
+    test_acc: Interval  # of each replica's test accuracy (an ensemble's: the ensemble's)
+    best_val_acc: Interval  # of each replica's members' mean
+    epochs_run: Interval  # ditto
     stop_reasons: tuple[str, ...]  # one per trained network (replicas x members)
-    train_seconds: Stat
-    replicas: int  # matrix.seeds repetitions: the n of the ± columns
+    train_seconds: Interval  # of each replica's members' sum (what the replica cost)
+    replicas: int  # matrix.seeds repetitions: the n of the intervals
     ensemble_size: int  # networks per replica (train.ensemble)
-    first_seed: int  # of the run whose history the plots show
+    first_seed: int  # of the first run
 
 
 @dataclass(frozen=True)
 class DeepRow:
-    """A row of the plain-vs-residual table (one resnet experiment, its first run)."""
+    """A row of the plain-vs-residual table (one resnet experiment, over its replicas)."""
 
     name: str
     depth: int
     skip: bool
     batchnorm: bool
     epochs: int
-    final_loss: float  # training loss of the last epoch (mean over its batches)
-    final_acc: float
-    test_acc: Stat
-    grad_ratio: float  # first layer's mean gradient norm / the logits' (last epoch)
+    final_loss: Interval  # training loss of the last epoch (mean over its batches)
+    final_acc: Interval
+    test_acc: Interval
+    grad_ratio: Interval  # first layer's mean gradient norm / the logits' (last epoch)
 
 
-# ------------------------------------------------------------------------ reading
-
-
-_REPRO = "run `dvc repro`"  # reruns the stage whose output was damaged or lost
-_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number"}
-
-
-def _missing(path: Path, writer: str) -> DataError:
-    return DataError(f"{path} is missing: {_REPRO} (the {writer} stage writes it)")
-
-
-def _read_json(path: Path, writer: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-        if not text.strip():
-            raise DataError(f"{path}: the file is empty; {_REPRO} (the {writer} stage writes it)")
-        data = json.loads(text)
-    except FileNotFoundError:
-        raise _missing(path, writer) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: cannot be read as JSON ({one_line(err)}); {_REPRO}") from None
-    if not isinstance(data, dict):
-        kind = _JSON_KINDS.get(type(data), type(data).__name__)
-        raise DataError(f"{path}: expected a JSON object, got {kind}; {_REPRO}")
-    return data
-
-
-def _cell(text: str | None) -> float:
-    # An empty cell is a column an epoch did not record (csv.DictWriter's restval "").
-    return math.nan if text is None or text == "" else float(text)
-
-
-def parse_history(text: str, source: str) -> History:
-    """The columns of a history.csv as floats (pure); DataError naming ``source`` if bad."""
-    reader = csv.reader(io.StringIO(text))
-    header = next(reader, None)
-    if header is None:
-        raise DataError(f"{source}: the file is empty; {_REPRO}")
-    absent = [column for column in _HISTORY_COLUMNS if column not in header]
-    if absent:
-        shown = one_line(", ".join(header), 80)
-        raise DataError(
-            f"{source}: missing column(s) {', '.join(absent)}; the header has {shown}; {_REPRO}"
-        )
-    values: dict[str, list[float]] = {column: [] for column in header}
-    for line, row in enumerate(reader, start=2):
-        if len(row) != len(header):
-            raise DataError(
-                f"{source}: line {line} has {len(row)} cells, the header {len(header)}; {_REPRO}"
-            )
-        try:
-            for column, cell in zip(header, row, strict=True):
-                values[column].append(_cell(cell))
-        except ValueError:
-            raise DataError(
-                f"{source}: line {line} holds a value that is not a number; {_REPRO}"
-            ) from None
-    if not values["epoch"]:
-        raise DataError(f"{source}: no epochs recorded; {_REPRO}")
-    return History(columns=tuple(header), values=values)
-
-
-def _read_history(path: Path) -> History:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise _missing(path, "train") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot be read ({one_line(err)}); {_REPRO}") from None
-    return parse_history(text, str(path))
-
-
-def load_experiment(name: str) -> ExperimentResult:
-    """Read an experiment's train.json, eval.json and history.csv (relative to the cwd);
-    history.csv must hold as many epochs as train.json says its first run ran (a file cut
-    at a line end is still a well-formed CSV)."""
-    train = _read_json(paths.train_metrics_path(name), "train")
-    evaluation = _read_json(paths.eval_metrics_path(name), "evaluate")
-    history = _read_history(paths.history_path(name))
-    epochs = train.get("epochs_run")
-    if isinstance(epochs, int | float) and epochs != len(history.values["epoch"]):
-        raise DataError(
-            f"{paths.history_path(name)}: holds {len(history.values['epoch'])} epochs but "
-            f"{paths.train_metrics_path(name)} says the run ran {epochs}; {_REPRO}"
-        )
-    return ExperimentResult(name=name, train=train, evaluation=evaluation, history=history)
-
-
-def experiment_names(params: Params, root: Path = Path(".")) -> list[str]:
-    """params.yaml's experiments in their order (the base run when there are none), then
-    train_best when the tune stage has trained it."""
-    names = list(params.experiments) or [BASE_EXPERIMENT]
-    if BEST_EXPERIMENT not in names and (root / paths.train_metrics_path(BEST_EXPERIMENT)).exists():
-        names.append(BEST_EXPERIMENT)
-    return names
-
-
-def read_meta() -> dict[str, Any]:
-    """data/prepared/meta.json, as the prepare stage wrote it."""
-    return _read_json(paths.meta_path(), "prepare")
-
-
-def dataset_name(meta: Mapping[str, Any]) -> str:
-    """The data set's name in meta.json (DataError when it has none)."""
-    for key in ("dataset", "name"):
-        if isinstance(meta.get(key), str):
-            return str(meta[key])
-    raise DataError(f"{paths.meta_path()}: has no 'dataset' name; {_REPRO}")
-
-
-# ------------------------------------------------------------------------ summary
+# ------------------------------------------------------------------------ per replica
 
 
 def _number(data: Mapping[str, Any], key: str, source: str) -> float:
     value = data.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         shown = one_line(repr(value), 60)
-        raise DataError(f"{source}: '{key}' is {shown}, expected a finite number; {_REPRO}")
+        raise DataError(f"{source}: '{key}' is {shown}, expected a finite number; {REPRO}")
     return float(value)
 
 
-def _runs(train: Mapping[str, Any], source: str) -> list[Mapping[str, Any]]:
-    runs = train.get("runs", [train])
-    if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) for r in runs):
-        raise DataError(f"{source}: 'runs' must be a non-empty list of objects; {_REPRO}")
+def replica_means(
+    runs: Sequence[Mapping[str, Any]], value: Callable[[Mapping[str, Any]], float]
+) -> dict[int, float]:
+    """Each replica's mean of ``value`` over its members, by replica index (pure); members
+    whose value is not finite (a missing field: nan) are left out, and so is a replica
+    without any."""
+    members: dict[int, list[float]] = {}
     for run in runs:
-        absent = [key for key in _RUN_KEYS if key not in run]
-        if absent:
-            raise DataError(f"{source}: a run lacks {', '.join(absent)}; {_REPRO}")
-    return runs
+        number = value(run)
+        if math.isfinite(number):
+            members.setdefault(int(run["replica"]), []).append(number)
+    return {replica: statistics.fmean(values) for replica, values in members.items()}
 
 
-def _test_acc(evaluation: Mapping[str, Any], source: str) -> Stat:
-    """eval.json's test accuracy, with its test_acc_std over replicas when it has one."""
-    mean = _number(evaluation, "test_acc", source)
-    if evaluation.get("test_acc_std") is None:
-        return Stat(mean)
-    std = _number(evaluation, "test_acc_std", source)
-    runs = evaluation.get("runs")
-    several = isinstance(runs, list) and len(runs) > 1
-    # A single replica's std is written as 0.0 (metrics.mean_and_std): no spread to show.
-    return Stat(mean) if std == 0.0 and not several else Stat(mean, std)
+def replica_test_acc(result: ExperimentResult) -> dict[int, float]:
+    """Each replica's test accuracy from eval.json's runs (an ensemble's: the ensemble's),
+    by replica index; an eval.json without runs is replica 0's (pure)."""
+    source = str(paths.eval_metrics_path(result.name))
+    runs = result.evaluation.get("runs")
+    if not isinstance(runs, list) or not runs:
+        return {0: _number(result.evaluation, "test_acc", source)}
+    values = {}
+    for position, run in enumerate(runs):
+        if not isinstance(run, dict):
+            raise DataError(f"{source}: 'runs' must be a list of objects; {REPRO}")
+        replica = run.get("replica", position)
+        values[int(replica)] = _number(run, "test_acc", source)
+    return values
 
 
-def _ensemble_size(evaluation: Mapping[str, Any], runs: int, source: str) -> int:
-    size = evaluation.get("ensemble_size", 1)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or runs % size:
-        raise DataError(
-            f"{source}: ensemble_size {size!r} does not divide the {runs} trained runs; {_REPRO}"
-        )
-    return size
+def replica_curves(result: ExperimentResult) -> list[History]:
+    """Each replica's history of its first member (member 0), in replica order (pure)."""
+    first: dict[int, History] = {}
+    for run in sorted(result.runs, key=lambda r: (r.replica, r.member)):
+        first.setdefault(run.replica, run.history)
+    return [first[replica] for replica in sorted(first)]
+
+
+# ------------------------------------------------------------------------ summary
+
+
+def _interval(values: Mapping[int, float]) -> Interval:
+    return mean_interval([values[replica] for replica in sorted(values)])
 
 
 def summarize(result: ExperimentResult) -> Summary:
     """The table row of one experiment (pure).
 
-    train.json lists every trained network, replica by replica (members of an ensemble
-    next to each other). Each replica counts once: its members' mean best val acc and
-    epochs, and their summed training time (what the replica cost); ± is over replicas.
+    Each replica counts once: its members' mean best val acc and epochs, and their summed
+    training time (what the replica cost); the intervals are over replicas.
     """
-    train_source = str(paths.train_metrics_path(result.name))
-    eval_source = str(paths.eval_metrics_path(result.name))
-    runs = _runs(result.train, train_source)
-    size = _ensemble_size(result.evaluation, len(runs), eval_source)
-    replicas = [runs[start : start + size] for start in range(0, len(runs), size)]
+    source = str(paths.train_metrics_path(result.name))
+    runs = train_runs(result)
+    # The top-level figures (what `dvc metrics show` shows) must be numbers too, though the
+    # row is made from the per-replica ones: a damaged file is refused, not half-read.
+    _number(result.train, "best_val_acc", source)
+    _number(result.evaluation, "test_acc", str(paths.eval_metrics_path(result.name)))
 
-    def per_replica(key: str, combine: Callable[[list[float]], float]) -> Stat:
-        return Stat.of([combine([_number(r, key, train_source) for r in rep]) for rep in replicas])
+    def key(name: str) -> Callable[[Mapping[str, Any]], float]:
+        return lambda run: _number(run, name, source)
 
+    seconds: dict[int, float] = {}
+    for run in runs:
+        replica = int(run["replica"])
+        seconds[replica] = seconds.get(replica, 0.0) + _number(run, "train_seconds", source)
     return Summary(
         name=result.name,
-        test_acc=_test_acc(result.evaluation, eval_source),
-        best_val_acc=per_replica("best_val_acc", statistics.fmean),
-        epochs_run=per_replica("epochs_run", statistics.fmean),
+        test_acc=_interval(replica_test_acc(result)),
+        best_val_acc=_interval(replica_means(runs, key("best_val_acc"))),
+        epochs_run=_interval(replica_means(runs, key("epochs_run"))),
         stop_reasons=tuple(str(r["stop_reason"]) for r in runs),
-        train_seconds=per_replica("train_seconds", math.fsum),
-        replicas=len(replicas),
-        ensemble_size=size,
-        first_seed=int(_number(runs[0], "seed", train_source)),
+        train_seconds=_interval(seconds),
+        replicas=len({int(r["replica"]) for r in runs}),
+        ensemble_size=checked_ensemble_size(
+            result.evaluation, len(runs), str(paths.eval_metrics_path(result.name))
+        ),
+        first_seed=int(_number(runs[0], "seed", source)),
     )
 
 
@@ -293,6 +186,22 @@ def layer_order(history: History) -> list[str]:
     """The layers with a grad_norm column, in header order: train writes them in the
     order the forward pass reaches them, input to output."""
     return [c.removeprefix(GRAD_PREFIX) for c in history.columns if c.startswith(GRAD_PREFIX)]
+
+
+def _field(name: str) -> Callable[[Mapping[str, Any]], float]:
+    def value(run: Mapping[str, Any]) -> float:
+        number = run.get(name)
+        return float(number) if isinstance(number, int | float) else math.nan
+
+    return value
+
+
+def _grad_ratio(run: Mapping[str, Any]) -> float:
+    norms = run.get("final_grad_norm")
+    if not isinstance(norms, dict) or not norms:
+        return math.nan
+    layers = list(norms.values())
+    return float(layers[0] / layers[-1]) if layers[-1] > 0 else math.nan
 
 
 def deep_rows(
@@ -306,20 +215,18 @@ def deep_rows(
         model = resolve_experiment(params, result.name).model
         if model.name != "resnet":
             continue
-        values = result.history.values
-        layers = layer_order(result.history)
-        first, last = (values[GRAD_PREFIX + layers[i]][-1] for i in (0, -1)) if layers else (0, 0)
+        runs = train_runs(result)
         rows.append(
             DeepRow(
                 name=result.name,
                 depth=model.depth,
                 skip=model.skip,
                 batchnorm=model.batchnorm,
-                epochs=len(values["epoch"]),
-                final_loss=values["loss"][-1] if "loss" in values else math.nan,
-                final_acc=values["acc"][-1] if "acc" in values else math.nan,
+                epochs=len(result.history.values["epoch"]),
+                final_loss=_interval(replica_means(runs, _field("final_loss"))),
+                final_acc=_interval(replica_means(runs, _field("final_acc"))),
                 test_acc=summary.test_acc,
-                grad_ratio=first / last if layers and last > 0 else math.nan,
+                grad_ratio=_interval(replica_means(runs, _grad_ratio)),
             )
         )
     return rows

@@ -21,6 +21,7 @@ from deepopt.evaluation import (
     load_run_ids,
     load_trained,
     log_to_mlflow,
+    parent_run_id,
     replica_metrics,
     replica_pngs,
 )
@@ -52,7 +53,8 @@ def main(
     data = load_prepared(config.data, config.seed)
     check_shapes(trained, data.num_classes, image_shape(data.test.images))
     tracking.configure()
-    check_runs_exist(run_ids, paths.run_info_path(name))
+    parent = parent_run_id(paths.run_info_path(name))
+    check_runs_exist([*run_ids.values(), *([parent] if parent else [])], paths.run_info_path(name))
 
     torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
     tic = time.perf_counter()
@@ -78,6 +80,7 @@ def main(
         pngs=pngs,
         results=results,
         tags=tags,
+        parent_run_id=parent,
     )
     std = {"test_acc_std": summary["test_acc_std"]} if "test_acc_std" in summary else {}
     return {

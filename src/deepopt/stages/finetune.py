@@ -1,5 +1,6 @@
 """The ``finetune`` stage (transfer/dvc.yaml): fine-tune the pretrained network on
-transfer.target per size x mode; write finetune.json, transfer/report.md and its plot."""
+transfer.target per seed x size x mode; write finetune.json, transfer/report.md (mean and
+interval per size x mode, the claim's verdict) and its plot."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from deepopt import devices, paths, tracking
 from deepopt.config import Params
 from deepopt.figures import png_bytes
 from deepopt.files import check_writable, write_bytes, write_json, write_text
-from deepopt.transfer import accuracy_figure, load_task, render_report, task_tensors
+from deepopt.transfer import load_task, task_tensors
+from deepopt.transfer.report import accuracy_figure, render_report
 from deepopt.transfer.runs import check_source, finetune_config, finetune_target, load_pretrained
 
 __all__ = ["main"]
@@ -40,7 +42,7 @@ def main(params: Params, **_: object) -> dict[str, Any]:
     task = load_task(
         transfer.target,
         root=Path(params.data.root),
-        train_per_class=transfer.target_sizes[-1],
+        train_per_class=None,  # the pool every seed draws its labelled images from
         val_per_class=transfer.val_per_class,
         seed=params.seed,
         key="transfer.target",
@@ -75,5 +77,5 @@ def main(params: Params, **_: object) -> dict[str, Any]:
     return {
         "stage": "finetune",
         "report": str(report_file),
-        "test_acc": {f"{r['mode']}/{r['per_class']}": r["test_acc"] for r in runs},
+        "test_acc": {f"{r['mode']}/{r['per_class']}/{r['seed']}": r["test_acc"] for r in runs},
     }

@@ -9,12 +9,26 @@ from typing import Any
 import torch
 
 from deepopt import devices, paths, tracking
-from deepopt.config import Params, resolve_run, run_name
+from deepopt.config import Params, config_hash, resolve_run, run_name
 from deepopt.data import load_prepared
 from deepopt.files import check_writable, write_json, write_text, write_torch
+from deepopt.metrics import interval_metrics
 from deepopt.training import distributed
-from deepopt.training.member import follow_member, members_of, normalized_splits, train_tracked
-from deepopt.training.outputs import history_csv, model_file, run_info, train_summary
+from deepopt.training.member import (
+    follow_member,
+    member_run_name,
+    members_of,
+    normalized_splits,
+    train_tracked,
+)
+from deepopt.training.outputs import (
+    history_csv,
+    model_file,
+    replica_values,
+    run_info,
+    runs_csv,
+    train_summary,
+)
 
 __all__ = ["main"]
 
@@ -40,7 +54,12 @@ def main(
         device = parallel.device  # cuda:LOCAL_RANK on CUDA
     checkpoints = paths.checkpoint_dir(config.train.checkpoint_dir, name)
     if parallel is None or parallel.is_main:
-        outputs = (paths.model_path(name), paths.run_info_path(name), paths.history_path(name))
+        outputs = (
+            paths.model_path(name),
+            paths.run_info_path(name),
+            paths.history_path(name),
+            paths.runs_history_path(name),
+        )
         check_writable(*outputs, paths.train_metrics_path(name), checkpoints / "member.pt")
     data = load_prepared(config.data, config.seed)
     torch.set_num_threads(config.train.threads or distributed.default_threads())
@@ -61,28 +80,45 @@ def main(
         tags["matrix"] = config.mlflow.experiment
     if parallel is not None:
         tags["world_size"] = str(parallel.world_size)  # global batch: world_size x batch_size
-    results = [
-        train_tracked(
-            config,
-            tensors,
-            data_meta=data.meta,
-            experiment_id=experiment_id,
-            run_name=name,
-            member=member,
-            checkpoint_dir=checkpoints,
-            tags=tags,
-            parallel=parallel,
-        )
-        for member in members
-    ]
+    # One parent run per experiment, its seed runs nested under it (same config and data:
+    # the same parent again); it gets the mean and interval of the final metrics.
+    # (The device is not part of it: runs resumed on another device nest under it too.)
+    anywhere = config.model_copy(
+        update={"train": config.train.model_copy(update={"device": "auto"})}
+    )
+    parent_key = f"{name}-{config_hash(anywhere, 16)}-{data.meta['digest'][:12]}"
+    with tracking.experiment_run(experiment_id, name, key=parent_key, tags=tags) as parent:
+        parent_params = config.model_dump(mode="json")
+        parent_params["train"].pop("device")
+        tracking.log_params(parent, parent_params)
+        replica_seeds = ",".join(str(m.seed) for m in members if m.index == 0)
+        tracking.set_tags(parent, {"seeds": replica_seeds, "replicas": str(params.matrix.seeds)})
+        results = [
+            train_tracked(
+                config,
+                tensors,
+                data_meta=data.meta,
+                experiment_id=experiment_id,
+                run_name=name,
+                mlflow_name=member_run_name(name, member, config.train.ensemble),
+                member=member,
+                checkpoint_dir=checkpoints,
+                tags={**tags, tracking.ROLE_TAG: "seed"},
+                parent_run_id=parent,
+                parallel=parallel,
+            )
+            for member in members
+        ]
+        summary = train_summary(results)
+        tracking.log_metrics(parent, interval_metrics(replica_values(summary)))
     model_config = config.model.model_dump(mode="json")
     image_shape = tensors["train"][0].shape[1:]
     content = model_file(name, model_config, image_shape, data.num_classes, results)
     write_torch(paths.model_path(name), content)
-    write_json(paths.run_info_path(name), run_info(name, experiment_id, results))
-    summary = train_summary(results)
+    write_json(paths.run_info_path(name), run_info(name, experiment_id, results, parent))
     write_json(paths.train_metrics_path(name), summary)
     write_text(paths.history_path(name), history_csv(results[0].fit.history))
+    write_text(paths.runs_history_path(name), runs_csv(results))
     return {
         "experiment": name,
         "model": str(paths.model_path(name)),

@@ -19,10 +19,12 @@ from deepopt.tracking.log import (
 )
 from deepopt.tracking.provenance import git_state, run_tags
 from deepopt.tracking.runs import (
+    ROLE_TAG,
     EndStatus,
     end_run,
     ending_run,
     ensure_experiment,
+    experiment_run,
     find_runs,
     run_exists,
     run_status,
@@ -34,11 +36,13 @@ from deepopt.tracking.system import system_metrics
 
 __all__ = [
     "PROBE_TIMEOUT_S",
+    "ROLE_TAG",
     "EndStatus",
     "configure",
     "end_run",
     "ending_run",
     "ensure_experiment",
+    "experiment_run",
     "find_runs",
     "flatten_params",
     "git_state",

@@ -16,10 +16,12 @@ from deepopt.tracking.log import set_tags
 from deepopt.tracking.store import _call, _client, artifact_location, configured_uri
 
 __all__ = [
+    "ROLE_TAG",
     "EndStatus",
     "end_run",
     "ending_run",
     "ensure_experiment",
+    "experiment_run",
     "find_runs",
     "run_exists",
     "run_status",
@@ -153,6 +155,37 @@ def _end_if_running(run_id: str, status: EndStatus, reason: str | None) -> None:
             raise
         # Never hide the exception that is ending the run behind a tracking failure.
         _log.warning("could not mark MLflow run %s %s: %s", run_id, status, err)
+
+
+# Tag values of deepopt.role: an experiment's parent run (the aggregate over its seeds) and
+# the runs nested under it; `mlflow ui` filters with tags.`deepopt.role` = 'experiment'.
+ROLE_TAG = "deepopt.role"
+_PARENT_KEY_TAG = "deepopt.parent_key"
+
+
+@contextlib.contextmanager
+def experiment_run(
+    experiment_id: str, run_name: str, *, key: str, tags: Mapping[str, str] | None = None
+) -> Iterator[str]:
+    """The parent run of an experiment's seed runs, for the block's length: the live one
+    with the same ``key`` (config and data: the same runs nest under it again), else a new
+    one. A new or unfinished one runs for the block and ends as it ends (``ending_run``); a
+    FINISHED one stays FINISHED, so a failed retrain does not mark good results FAILED.
+
+    MLflow has no aggregation over runs (mlflow/mlflow#3762), so the parent holds the
+    mean and interval of each final metric and ``mlflow ui`` compares parents as it
+    compares runs."""
+    all_tags = {**(tags or {}), ROLE_TAG: "experiment", _PARENT_KEY_TAG: key}
+    earlier = find_runs(experiment_id, tags={_PARENT_KEY_TAG: key, ROLE_TAG: "experiment"})
+    if earlier and run_status(earlier[0]) == "FINISHED":
+        set_tags(earlier[0], all_tags)
+        yield earlier[0]
+        return
+    started = start_run(
+        experiment_id, run_name, run_id=earlier[0] if earlier else None, tags=all_tags
+    )
+    with ending_run(started):
+        yield started
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from torch import nn
 
 from deepopt import files, paths, tracking
 from deepopt.config import RunConfig
+from deepopt.config.limits import MAX_REPLICAS
 from deepopt.data import PreparedData, normalize
 from deepopt.errors import DivergedError
 from deepopt.models import build_model, set_portable_layout, set_training_layout
@@ -33,6 +34,8 @@ __all__ = [
     "MemberResult",
     "fit_member",
     "follow_member",
+    "initial_model",
+    "member_run_name",
     "members_of",
     "normalized_splits",
     "train_tracked",
@@ -55,13 +58,27 @@ class MemberResult:
 
 
 def members_of(config: RunConfig, replicas: int) -> list[Member]:
-    """Replica r, member k trains with seed + r * ensemble + k."""
+    """Replica r, member k trains with seed + r + MAX_REPLICAS * k.
+
+    Replica r of every experiment then starts from seed + r (its member 0 for an
+    ensemble): the same data order and, where the architectures match, the same initial
+    weights, so experiments compare pairwise by replica. Members k >= 1 of an ensemble get
+    seeds no replica of any experiment uses.
+    """
     size = config.train.ensemble
     return [
-        Member(replica=r, index=k, seed=config.seed + r * size + k)
+        Member(replica=r, index=k, seed=config.seed + r + MAX_REPLICAS * k)
         for r in range(replicas)
         for k in range(size)
     ]
+
+
+def member_run_name(experiment: str, member: Member, ensemble: int) -> str:
+    """The MLflow run name of one member: the seed tells seed runs apart, the replica and
+    member index an ensemble's networks."""
+    if ensemble == 1:
+        return f"{experiment} seed {member.seed}"
+    return f"{experiment} replica {member.replica} member {member.index} (seed {member.seed})"
 
 
 def normalized_splits(
@@ -117,6 +134,7 @@ def train_tracked(
     checkpoint_dir: Path,
     tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
+    mlflow_name: str | None = None,
     on_epoch: Callable[[LoopState], None] | None = None,
     parallel: ProcessGroup | None = None,
     setup: Callable[[nn.Module], list[dict[str, Any]]] | None = None,
@@ -130,7 +148,8 @@ def train_tracked(
     other processes run ``follow_member`` alongside. ``setup`` takes the freshly built network
     (e.g. loads pretrained weights, freezes layers) and returns the optimizer's param groups.
     Another process training into ``checkpoint_dir`` at the same time is refused at once
-    (LockedError, exit 1): never two writers of one checkpoint.
+    (LockedError, exit 1): never two writers of one checkpoint. ``run_name`` names the
+    training in messages; ``mlflow_name`` (default ``run_name``) is the MLflow run's name.
     """
     world_size = parallel.world_size if parallel is not None else 1
     # One process at a time trains into a checkpoint folder (another refuses at once).
@@ -158,7 +177,7 @@ def train_tracked(
         _share_start(parallel, saved)
         run_id = tracking.start_run(
             experiment_id,
-            run_name,
+            mlflow_name or run_name,
             run_id=previous_run,
             parent_run_id=parent_run_id,
             tags={
@@ -236,8 +255,7 @@ def fit_member(
     on the device the tensors are on; the network is built on the CPU (the same initial
     weights everywhere) and moved there before the optimizer is built."""
     device = _device_of(tensors)
-    torch.manual_seed(seed)  # weight init
-    model = _new_model(config, tensors, data_meta).to(device)
+    model = initial_model(config, tensors, data_meta, seed).to(device)
     set_training_layout(model, config.train.precision, device)
     optimizer = build_optimizer(
         setup(model) if setup is not None else model.parameters(), config.optim
@@ -267,6 +285,19 @@ def fit_member(
     )
     set_portable_layout(model)  # saved, logged and exported weights are NCHW
     return model, result
+
+
+def initial_model(
+    config: RunConfig,
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    data_meta: dict[str, Any],
+    seed: int,
+) -> nn.Module:
+    """The member's network before training, on the CPU: its weights depend on the
+    architecture and ``seed`` only, so replica r of two experiments with the same network
+    starts from the same weights (the pairing of the report's tests)."""
+    torch.manual_seed(seed)
+    return _new_model(config, tensors, data_meta)
 
 
 def _share_start(parallel: ProcessGroup | None, saved: dict[str, Any] | None) -> None:

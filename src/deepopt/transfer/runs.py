@@ -1,5 +1,5 @@
 """The transfer stages' trainings: their run configs, the pretrain run and pretrain.pt, and
-the fine-tunes (one MLflow run per target size x mode) with finetune.json's summary."""
+the fine-tunes (one MLflow run per seed x target size x mode) with finetune.json's summary."""
 
 from __future__ import annotations
 
@@ -29,12 +29,21 @@ from deepopt.metrics import loss_and_accuracy
 from deepopt.training.loop import evaluate_logits
 from deepopt.training.member import Member, MemberResult, train_tracked
 from deepopt.transfer.freezing import load_backbone, param_groups
-from deepopt.transfer.tasks import Task, few_shot, finetune_repeats, task_digest, task_tensors
+from deepopt.transfer.tasks import (
+    Task,
+    few_shot,
+    finetune_repeats,
+    seeded_pool,
+    split_digest,
+    task_digest,
+    task_tensors,
+)
 
 __all__ = [
     "PRETRAIN_RUN",
     "check_source",
     "finetune_config",
+    "finetune_seeds",
     "finetune_target",
     "load_pretrained",
     "pretrain_config",
@@ -134,6 +143,7 @@ def pretrain_source(
         "data_digest": digest,
         "train_images": int(task.train.labels.numel()),
         "test_acc": test_acc,
+        "seed": config.seed,
         "run_id": result.run_id,
         "mlflow_experiment_id": experiment_id,
     }
@@ -196,6 +206,48 @@ def _setup(
     return param_groups(model, mode, lr, scale)
 
 
+def _finetune_run(
+    config: RunConfig,
+    transfer: TransferConfig,
+    source: Mapping[str, Any],
+    tensors: dict[str, Tensors],
+    *,
+    key: str,
+    num_classes: int,
+    mode: str,
+    run_name: str,
+    member: Member,
+    tags: dict[str, str],
+    parent: str | None,
+    experiment_id: str,
+    checkpoints: Path,
+) -> MemberResult:
+    """One fine-tune: train_tracked from the pretrained backbone (scratch: none)."""
+    return train_tracked(
+        config,
+        tensors,
+        data_meta={"digest": hashlib.sha256(key.encode()).hexdigest(), "num_classes": num_classes},
+        experiment_id=experiment_id,
+        run_name=run_name,
+        member=member,
+        checkpoint_dir=checkpoints,
+        tags=tags,
+        parent_run_id=parent,
+        setup=functools.partial(
+            _setup,
+            mode=mode,
+            state=source["state_dict"],
+            lr=config.optim.lr,
+            scale=transfer.backbone_lr_scale,
+        ),
+    )
+
+
+def finetune_seeds(config: RunConfig, transfer: TransferConfig) -> list[int]:
+    """The fine-tunes' seeds: seed, seed + 1, ... (transfer.seeds of them)."""
+    return [config.seed + k for k in range(transfer.seeds)]
+
+
 def finetune_target(
     config: RunConfig,
     transfer: TransferConfig,
@@ -208,18 +260,22 @@ def finetune_target(
     experiment_id: str,
     checkpoints: Path,
 ) -> dict[str, Any]:
-    """Every target size x mode's fine-tune of the pretrained ``source``: finetune.json's
-    summary (every run's test accuracy and more).
+    """Every seed x target size x mode's fine-tune of the pretrained ``source``:
+    finetune.json's summary (every run's test accuracy and more).
 
-    For every ``transfer.target_sizes`` entry (labelled training images per target class)
-    and every ``transfer.modes`` entry (linear_probe, finetune, scratch: see
-    ``deepopt.transfer``) one training of ``transfer.finetune_epochs`` epochs without early
-    stopping, each an MLflow run named ``finetune/<mode>/<size>``, checkpointed and
+    For every seed (``finetune_seeds``), every ``transfer.target_sizes`` entry (labelled
+    training images per target class) and every ``transfer.modes`` entry (linear_probe,
+    finetune, scratch: see ``deepopt.transfer``) one training of
+    ``transfer.finetune_epochs`` epochs without early stopping. The seed draws the
+    labelled images (``seeded_pool``: a seed's smaller sets are subsets of its larger
+    ones), the new head's initial weights (scratch: every layer's) and the batch order, so
+    the modes of one size and seed see the same images: they compare pairwise by seed.
+    Each is an MLflow run named ``<mode> size=<size> seed=<seed>``, checkpointed and
     resumable, tagged ``source_run_id`` (the pretrain run, also its parent, so ``mlflow ui``
-    nests the fine-tunes under it), ``source_model_sha256``, ``transfer_mode`` and
-    ``target_per_class``. ``val`` and ``test`` (and the training images) are normalized
-    with the source's pixel statistics: the pretrained network's input distribution, and
-    the same preprocessing for every mode.
+    nests the fine-tunes under it), ``source_model_sha256``, ``transfer_mode``,
+    ``target_per_class`` and ``seed``. ``val`` and ``test`` (and the training images) are
+    normalized with the source's pixel statistics: the pretrained network's input
+    distribution, and the same preprocessing for every mode.
     """
     mean, std = float(source["mean"]), float(source["std"])
     source_run = str(source["run_id"])
@@ -235,58 +291,64 @@ def finetune_target(
         "source_model_sha256": model_sha,
     }
     parent = source_run if tracking.run_exists(source_run) else None
+    few_shot(task.train, transfer.target_sizes[-1], task.num_classes)  # refused before training
+    seeds = finetune_seeds(config, transfer)
     runs = []
-    for per_class in transfer.target_sizes:
-        subset = few_shot(task.train, per_class, task.num_classes)
-        repeats = finetune_repeats(
-            subset.labels.numel(), config.train.batch_size, transfer.finetune_min_batches
-        )
-        images, labels = task_tensors(subset, mean, std)
-        # Whole copies, reshuffled every epoch: [repeats * n, C, H, W]
-        train = (images.repeat(repeats, 1, 1, 1).to(device), labels.repeat(repeats).to(device))
-        for mode in transfer.modes:
-            # What trains this run beyond its RunConfig (the checkpoints' key): the data, the
-            # mode, the pretrained start and the backbone's learning-rate scale.
-            start = model_sha if mode != "scratch" else ""
-            scale = transfer.backbone_lr_scale if mode == "finetune" else ""
-            key = f"{digest}:{per_class}:{repeats}:{mode}:{start}:{scale}"
-            result = train_tracked(
-                config,
-                {"train": train, "val": val},
-                data_meta={
-                    "digest": hashlib.sha256(key.encode()).hexdigest(),
-                    "num_classes": task.num_classes,
-                },
-                experiment_id=experiment_id,
-                run_name=f"finetune/{mode}/{per_class}",
-                member=Member(replica=0, index=0, seed=config.seed),
-                checkpoint_dir=checkpoints,
-                tags={**tags, "transfer_mode": mode, "target_per_class": str(per_class)},
-                parent_run_id=parent,
-                setup=functools.partial(
-                    _setup,
+    for replica, seed in enumerate(seeds):
+        pool = seeded_pool(task.train, task.num_classes, seed)
+        for per_class in transfer.target_sizes:
+            subset = few_shot(pool, per_class, task.num_classes)
+            subset_digest = split_digest(subset)
+            repeats = finetune_repeats(
+                subset.labels.numel(), config.train.batch_size, transfer.finetune_min_batches
+            )
+            images, labels = task_tensors(subset, mean, std)
+            # Whole copies, reshuffled every epoch: [repeats * n, C, H, W]
+            train = (
+                images.repeat(repeats, 1, 1, 1).to(device),
+                labels.repeat(repeats).to(device),
+            )
+            for mode in transfer.modes:
+                # What trains this run beyond its RunConfig and seed (the checkpoints' key):
+                # the labelled set, the mode, the pretrained start and the backbone's
+                # learning-rate scale.
+                start = model_sha if mode != "scratch" else ""
+                scale = transfer.backbone_lr_scale if mode == "finetune" else ""
+                result = _finetune_run(
+                    config,
+                    transfer,
+                    source,
+                    {"train": train, "val": val},
+                    key=f"{digest}:{subset_digest}:{repeats}:{mode}:{start}:{scale}",
+                    num_classes=task.num_classes,
                     mode=mode,
-                    state=source["state_dict"],
-                    lr=config.optim.lr,
-                    scale=transfer.backbone_lr_scale,
-                ),
-            )
-            test_loss, test_acc = _test_metrics(result, config, test)
-            history = result.fit.history
-            runs.append(
-                {
-                    "mode": mode,
-                    "per_class": per_class,
-                    "train_images": int(subset.labels.numel()),
-                    "repeats": repeats,
-                    "steps": result.fit.epochs_run * -(-len(train[1]) // config.train.batch_size),
-                    "final_val_acc": history[-1]["val_acc"],
-                    "test_acc": test_acc,
-                    "test_loss": test_loss,
-                    "train_seconds": sum(record["seconds"] for record in history),
-                    "run_id": result.run_id,
-                }
-            )
+                    run_name=f"{mode} size={per_class} seed={seed}",
+                    member=Member(replica=replica, index=0, seed=seed),
+                    tags={**tags, "transfer_mode": mode, "target_per_class": str(per_class)},
+                    parent=parent,
+                    experiment_id=experiment_id,
+                    checkpoints=checkpoints,
+                )
+                test_loss, test_acc = _test_metrics(result, config, test)
+                history = result.fit.history
+                runs.append(
+                    {
+                        "mode": mode,
+                        "per_class": per_class,
+                        "seed": seed,
+                        "replica": replica,
+                        "train_images": int(subset.labels.numel()),
+                        "train_digest": subset_digest,
+                        "repeats": repeats,
+                        "steps": result.fit.epochs_run
+                        * -(-len(train[1]) // config.train.batch_size),
+                        "final_val_acc": history[-1]["val_acc"],
+                        "test_acc": test_acc,
+                        "test_loss": test_loss,
+                        "train_seconds": sum(record["seconds"] for record in history),
+                        "run_id": result.run_id,
+                    }
+                )
     return {
         "source": {
             "dataset": source.get("dataset"),
@@ -294,6 +356,7 @@ def finetune_target(
             "class_names": source.get("class_names"),
             "train_images": source.get("train_images"),
             "test_acc": source.get("test_acc"),
+            "seed": source.get("seed"),
             "run_id": source_run,
             "model_sha256": model_sha,
         },
@@ -308,5 +371,6 @@ def finetune_target(
         "epochs": transfer.finetune_epochs,
         "backbone_lr_scale": transfer.backbone_lr_scale,
         "min_batches": transfer.finetune_min_batches,
+        "seeds": seeds,
         "runs": runs,
     }

@@ -22,7 +22,9 @@ __all__ = [
     "finetune_repeats",
     "load_task",
     "make_task",
+    "seeded_pool",
     "select_classes",
+    "split_digest",
     "task_digest",
     "task_tensors",
 ]
@@ -136,6 +138,25 @@ def task_digest(task: Task) -> str:
 def task_tensors(split: Split, mean: float, std: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The network's float input [N, C, H, W] and the labels of a split."""
     return normalize(split.images, mean, std), split.labels
+
+
+def seeded_pool(train: Split, num_classes: int, seed: int) -> Split:
+    """The training pool in ``seed``'s random order per class, rank by rank again: the
+    labelled images a fine-tune seed draws (``few_shot`` of it), the same for every mode.
+    Every class keeps as many images as the smallest has."""
+    orders = class_orders(train.labels, num_classes, seed)
+    count = min(order.numel() for order in orders)
+    # [count, classes] -> flattened rank by rank, as make_task stores a pool
+    ranks = torch.stack([order[:count] for order in orders], dim=1).flatten()
+    return Split(train.images[ranks], train.labels[ranks])
+
+
+def split_digest(split: Split) -> str:
+    """A hash of a split's images and labels (a fine-tune's labelled set, in its order)."""
+    digest = hashlib.sha256()
+    digest.update(split.images.contiguous().numpy().tobytes())
+    digest.update(split.labels.contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def few_shot(train: Split, per_class: int, num_classes: int) -> Split:
