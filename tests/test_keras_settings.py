@@ -486,3 +486,14 @@ def test_new_knobs_are_in_the_resolved_config() -> None:
     assert OptimConfig(name="adam").model_dump()["eps_placement"] == "keras"
     assert OptimConfig(name="adagrad").model_dump()["initial_accumulator"] == 0.1
     assert (ModelConfig().bn_momentum, ModelConfig().bn_eps) == (0.01, 1e-3)
+
+
+def test_a_model_config_saved_before_the_batchnorm_knobs_keeps_pytorchs_batchnorm() -> None:
+    """model.pt and pretrain.pt from before model.bn_momentum/bn_eps were trained with
+    PyTorch's 0.1 / 1e-5: they are rebuilt with those, not with today's Keras defaults."""
+    from deepopt.config import saved_model_config
+
+    old = saved_model_config({"name": "lecture_cnn", "batchnorm": True})
+    assert (old.bn_momentum, old.bn_eps) == (0.1, 1e-5)
+    new = saved_model_config(ModelConfig().model_dump(mode="json"))
+    assert (new.bn_momentum, new.bn_eps) == (0.01, 1e-3) == (ModelConfig().bn_momentum, 1e-3)

@@ -80,7 +80,7 @@ def build_optimizer(
     if cfg.name == "adagrad":
         # torch's update lr g / (sqrt(acc) + eps) is tf.keras 2's (TensorFlow's
         # ApplyAdagradV2); Keras 3 divides by sqrt(acc + eps) instead (relative difference
-        # below eps / sqrt(initial_accumulator), 3e-7 with the defaults).
+        # at most eps / sqrt(acc) + eps / (2 acc), ~8e-7 with the defaults: acc >= 0.1).
         return optim.Adagrad(
             parameters,
             lr=lr,

@@ -4,7 +4,6 @@ tmp_path as the train and evaluate stages write them (the data contract), no tra
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -15,20 +14,24 @@ import yaml
 
 from deepopt import reporting
 from deepopt.config import Params, parse_params
+from deepopt.files import write_json
 from deepopt.stages import report
 
 BASE_ACC = [0.850, 0.861, 0.842]  # nobn's test accuracy per replica (seed + r)
-LAYERS = ("dense1", "dense2", "logits")
 
 
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data), encoding="utf-8")
+    write_json(path, data)
 
 
-def _history_rows(epochs: int) -> list[dict[str, float]]:
+def _history_rows(
+    epochs: int, grad_norms: dict[str, float] | None = None
+) -> list[dict[str, float]]:
+    norms = {f"grad_norm/{layer}": value for layer, value in (grad_norms or {}).items()}
     return [
         {"epoch": e, "loss": 1.0 / (e + 1), "acc": 0.5, "val_loss": 1.2 / (e + 1), "lr": 0.02}
+        | norms
         for e in range(epochs)
     ]
 
@@ -84,13 +87,14 @@ def write_experiment(
         ],
     }
     _write_json(Path("metrics", name, "eval.json"), evaluation)
-    _write_csv(Path("plots", name, "history.csv"), _history_rows(epochs))
+    norms = grad_norms or [{} for _ in test_acc]
+    _write_csv(Path("plots", name, "history.csv"), _history_rows(epochs, norms[0]))
     _write_csv(
         Path("plots", name, "runs.csv"),
         [
             {"replica": r, "member": 0, "seed": 4487 + r, **row}
             for r in range(len(test_acc))
-            for row in _history_rows(epochs)
+            for row in _history_rows(epochs, norms[r])
         ],
     )
 
@@ -248,12 +252,14 @@ def test_relu_gradient_and_sparsity_claims_read_the_diagnostics(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    relu_norms = [{"dense1": 0.1 * k, "dense2": 0.2, "logits": 0.3} for k in (1.0, 1.2, 0.9)]
-    sigmoid_norms = [{"dense1": 1e-5 * k, "dense2": 1e-3, "logits": 0.3} for k in (1.0, 2.0, 0.5)]
+    # Layers stem -> dense -> logits: their forward order is not the alphabetical order that
+    # write_json leaves in train.json, so the report must take it from history.csv.
+    relu_norms = [{"stem": 0.1 * k, "dense": 0.2, "logits": 0.3} for k in (1.0, 1.2, 0.9)]
+    sigmoid_norms = [{"stem": 1e-5 * k, "dense": 1e-3, "logits": 0.3} for k in (1.0, 2.0, 0.5)]
     zeros = [
-        {"dense1": 0.61, "dense2": 0.66},
-        {"dense1": 0.63, "dense2": 0.7},
-        {"dense1": 0.6, "dense2": 0.64},
+        {"stem": 0.61, "dense": 0.66},
+        {"stem": 0.63, "dense": 0.7},
+        {"stem": 0.6, "dense": 0.64},
     ]
     results = _results(
         vanishing_relu={"test_acc": BASE_ACC, "grad_norms": relu_norms, "zero_fractions": zeros},
@@ -262,7 +268,7 @@ def test_relu_gradient_and_sparsity_claims_read_the_diagnostics(
     rows = reporting.evaluate_claims(reporting.lecture_claims(results), results)
     gradient = _row(rows, "vanishing_relu", "vanishing_sigmoid")
     expected = [
-        math.log10(r["dense1"]) - math.log10(s["dense1"])
+        math.log10(r["stem"]) - math.log10(s["stem"])
         for r, s in zip(relu_norms, sigmoid_norms, strict=True)
     ]
     assert gradient.result is not None

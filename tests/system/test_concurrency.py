@@ -82,6 +82,10 @@ def test_a_second_train_of_the_same_experiment_refuses_while_the_first_trains(
     newest = max(runs, key=lambda run: run.info.start_time)
     assert newest.info.run_id == saved["run_id"] and newest.info.status == "FINISHED"
     assert len(client.get_metric_history(newest.info.run_id, "val_loss")) == EPOCHS
+    # The refused second training left their shared parent run to the first, which ended it.
+    parent = client.get_run(newest.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["deepopt.role"] == "experiment"
+    assert parent.info.status == "FINISHED"
 
 
 # The stage of the tiny pipeline: says it started, then waits for the test's go.

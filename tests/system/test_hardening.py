@@ -28,7 +28,8 @@ from optuna.trial import TrialState
 from deepopt import cli, tracking, tuning
 from deepopt.config import TuneConfig, load_params, resolve_experiment
 from deepopt.data import load_prepared
-from deepopt.training.member import Member, normalized_splits, train_tracked
+from deepopt.training.member import normalized_splits, train_tracked
+from deepopt.training.seeds import Member
 from deepopt.tuning import trials
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,7 +11,8 @@ from deepopt.config import EarlyStopConfig, OptimConfig, RunConfig, ScheduleConf
 from deepopt.config.limits import MAX_REPLICAS
 from deepopt.optim import build_optimizer, build_schedule
 from deepopt.training import fit
-from deepopt.training.member import initial_model, members_of
+from deepopt.training.member import initial_model
+from deepopt.training.seeds import members_of
 from tiny_data import gaussian_blobs
 
 _META = {"num_classes": 10}

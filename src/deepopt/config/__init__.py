@@ -36,6 +36,7 @@ from deepopt.config.run import (
     ScheduleConfig,
     TrainConfig,
     resnet_blocks,
+    saved_model_config,
     torchvision_weights_name,
 )
 from deepopt.config.transfer import TRANSFER_MODES, TransferConfig, TransferTask
@@ -92,6 +93,7 @@ __all__ = [
     "resolve_run",
     "resolve_transfer",
     "run_name",
+    "saved_model_config",
     "searchable_knobs",
     "torchvision_weights_name",
 ]

@@ -5,7 +5,7 @@ schedule's knobs, live in ``config.knobs`` and are re-exported here)."""
 from __future__ import annotations
 
 import difflib
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -60,6 +60,7 @@ __all__ = [
     "TrainConfig",
     "check_cosine_warmup",
     "resnet_blocks",
+    "saved_model_config",
     "torchvision_weights_name",
 ]
 
@@ -182,6 +183,20 @@ class ModelConfig(Strict):
         return value
 
 
+# PyTorch's BatchNorm settings: what a model config saved before model.bn_momentum and
+# model.bn_eps existed (they default to Keras' now) was trained and must be rebuilt with.
+_SAVED_BEFORE_BN_KNOBS = {"bn_momentum": 0.1, "bn_eps": 1e-5}
+
+
+def saved_model_config(saved: Any) -> ModelConfig:
+    """The model config a file holds (model.pt, pretrain.pt), validated (ValidationError
+    if bad); one saved before the BatchNorm knobs existed gets PyTorch's BatchNorm settings,
+    which it was trained with, instead of today's defaults."""
+    if isinstance(saved, dict):
+        saved = {**_SAVED_BEFORE_BN_KNOBS, **saved}
+    return ModelConfig.model_validate(saved)
+
+
 class EarlyStopConfig(Strict):
     enabled: bool = True
     monitor: MonitorName = "val_loss"
@@ -240,7 +255,8 @@ class MlflowConfig(Strict):
 
 
 class MatrixConfig(Strict):
-    seeds: int = Field(1, ge=1, le=MAX_REPLICAS)  # every experiment repeated over seed, seed+1, ...
+    # Replicas: replica r trains with seed + r; 3 gives the report's intervals and tests an n.
+    seeds: int = Field(3, ge=1, le=MAX_REPLICAS)
 
 
 class RunConfig(Strict):

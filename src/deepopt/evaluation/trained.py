@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from deepopt import paths
-from deepopt.config import ModelConfig
+from deepopt.config import ModelConfig, saved_model_config
 from deepopt.errors import DataError, one_line
 from deepopt.files import UnreadableFileError, load_torch
 from deepopt.models import build_model
@@ -76,7 +76,7 @@ def load_trained(path: Path, experiment: str) -> Trained:
         kind = type(content).__name__
         raise DataError(f"{path}: not a model file of train (it holds a {kind}); {hint}")
     try:
-        model_config = ModelConfig.model_validate(content["model_config"])
+        model_config = saved_model_config(content["model_config"])
         channels, height, width = (int(n) for n in content["image_shape"])
         image_shape = (channels, height, width)
         num_classes = int(content["num_classes"])

@@ -272,4 +272,15 @@ def train_runs(result: ExperimentResult) -> list[dict[str, Any]]:
         layers = _last_layers(result.history, prefix)
         if key not in first and layers:
             first[key] = layers
+        # JSON objects come back in the writer's key order (write_json sorts them); the
+        # layers' forward order, input to output, is history.csv's column order.
+        for run in runs:
+            if isinstance(run.get(key), dict):
+                run[key] = _forward_order(run[key], list(layers))
     return runs
+
+
+def _forward_order(values: dict[str, Any], order: Sequence[str]) -> dict[str, Any]:
+    """``values`` with the layers of ``order`` first, in that order, then any others."""
+    ranked = {layer: values[layer] for layer in order if layer in values}
+    return {**ranked, **{k: v for k, v in values.items() if k not in ranked}}

@@ -11,13 +11,11 @@ import torch
 from deepopt import devices, paths, tracking
 from deepopt.config import Params, config_hash, resolve_run, run_name
 from deepopt.data import load_prepared
-from deepopt.files import check_writable, write_json, write_text, write_torch
+from deepopt.files import LockedError, check_writable, write_json, write_text, write_torch
 from deepopt.metrics import interval_metrics
 from deepopt.training import distributed
 from deepopt.training.member import (
     follow_member,
-    member_run_name,
-    members_of,
     normalized_splits,
     train_tracked,
 )
@@ -29,6 +27,7 @@ from deepopt.training.outputs import (
     runs_csv,
     train_summary,
 )
+from deepopt.training.seeds import member_run_name, members_of
 
 __all__ = ["main"]
 
@@ -86,8 +85,12 @@ def main(
     anywhere = config.model_copy(
         update={"train": config.train.model_copy(update={"device": "auto"})}
     )
-    parent_key = f"{name}-{config_hash(anywhere, 16)}-{data.meta['digest'][:12]}"
-    with tracking.experiment_run(experiment_id, name, key=parent_key, tags=tags) as parent:
+    replicas = params.matrix.seeds  # another count of seeds: another parent (its n differs)
+    parent_key = f"{name}-{config_hash(anywhere, 16)}-{data.meta['digest'][:12]}-{replicas}"
+    # Refused by another training of these seeds (LockedError): the parent is that one's.
+    with tracking.experiment_run(
+        experiment_id, name, key=parent_key, tags=tags, keep_on=(LockedError,)
+    ) as parent:
         parent_params = config.model_dump(mode="json")
         parent_params["train"].pop("device")
         tracking.log_params(parent, parent_params)

@@ -122,15 +122,18 @@ def end_run(run_id: str, status: EndStatus, reason: str | None = None) -> None:
 
 
 @contextlib.contextmanager
-def ending_run(run_id: str) -> Iterator[str]:
+def ending_run(run_id: str, keep_on: tuple[type[BaseException], ...] = ()) -> Iterator[str]:
     """End the run when the block ends, unless code inside already ended it.
 
     FINISHED on normal exit, KILLED on KeyboardInterrupt (Ctrl-C/SIGTERM), FAILED on any
-    other exception (its one-line message is the end reason). A run ended inside the block
-    keeps its status: tune ends a pruned trial's run KILLED before raising TrialPruned.
+    other exception (its one-line message is the end reason); an exception of a ``keep_on``
+    type leaves the run as it is. A run ended inside the block keeps its status: tune ends
+    a pruned trial's run KILLED before raising TrialPruned.
     """
     try:
         yield run_id
+    except keep_on:
+        raise  # another process owns the run (e.g. it holds the training's lock): its to end
     except KeyboardInterrupt:
         _end_if_running(run_id, "KILLED", "interrupted (Ctrl-C or SIGTERM)")
         raise
@@ -165,12 +168,19 @@ _PARENT_KEY_TAG = "deepopt.parent_key"
 
 @contextlib.contextmanager
 def experiment_run(
-    experiment_id: str, run_name: str, *, key: str, tags: Mapping[str, str] | None = None
+    experiment_id: str,
+    run_name: str,
+    *,
+    key: str,
+    tags: Mapping[str, str] | None = None,
+    keep_on: tuple[type[BaseException], ...] = (),
 ) -> Iterator[str]:
     """The parent run of an experiment's seed runs, for the block's length: the live one
     with the same ``key`` (config and data: the same runs nest under it again), else a new
     one. A new or unfinished one runs for the block and ends as it ends (``ending_run``); a
-    FINISHED one stays FINISHED, so a failed retrain does not mark good results FAILED.
+    FINISHED one stays FINISHED, so a failed retrain does not mark good results FAILED; an
+    exception of a ``keep_on`` type (another process is training these seeds, and it ends
+    the parent) leaves it as it is.
 
     MLflow has no aggregation over runs (mlflow/mlflow#3762), so the parent holds the
     mean and interval of each final metric and ``mlflow ui`` compares parents as it
@@ -184,7 +194,7 @@ def experiment_run(
     started = start_run(
         experiment_id, run_name, run_id=earlier[0] if earlier else None, tags=all_tags
     )
-    with ending_run(started):
+    with ending_run(started, keep_on):
         yield started
 
 

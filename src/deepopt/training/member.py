@@ -19,7 +19,6 @@ from torch import nn
 
 from deepopt import files, paths, tracking
 from deepopt.config import RunConfig
-from deepopt.config.limits import MAX_REPLICAS
 from deepopt.data import PreparedData, normalize
 from deepopt.errors import DivergedError
 from deepopt.models import build_model, set_portable_layout, set_training_layout
@@ -28,25 +27,16 @@ from deepopt.training.checkpoint import checkpoint_file, resume_checkpoint, save
 from deepopt.training.distributed import ProcessGroup
 from deepopt.training.early_stopping import EarlyStopping
 from deepopt.training.loop import FitResult, LoopState, fit, steps_per_epoch
+from deepopt.training.seeds import Member
 
 __all__ = [
-    "Member",
     "MemberResult",
     "fit_member",
     "follow_member",
     "initial_model",
-    "member_run_name",
-    "members_of",
     "normalized_splits",
     "train_tracked",
 ]
-
-
-@dataclass(frozen=True)
-class Member:
-    replica: int  # which of matrix.seeds repetitions
-    index: int  # which ensemble member within the replica
-    seed: int
 
 
 @dataclass(frozen=True)
@@ -55,30 +45,6 @@ class MemberResult:
     run_id: str
     fit: FitResult
     model: nn.Module
-
-
-def members_of(config: RunConfig, replicas: int) -> list[Member]:
-    """Replica r, member k trains with seed + r + MAX_REPLICAS * k.
-
-    Replica r of every experiment then starts from seed + r (its member 0 for an
-    ensemble): the same data order and, where the architectures match, the same initial
-    weights, so experiments compare pairwise by replica. Members k >= 1 of an ensemble get
-    seeds no replica of any experiment uses.
-    """
-    size = config.train.ensemble
-    return [
-        Member(replica=r, index=k, seed=config.seed + r + MAX_REPLICAS * k)
-        for r in range(replicas)
-        for k in range(size)
-    ]
-
-
-def member_run_name(experiment: str, member: Member, ensemble: int) -> str:
-    """The MLflow run name of one member: the seed tells seed runs apart, the replica and
-    member index an ensemble's networks."""
-    if ensemble == 1:
-        return f"{experiment} seed {member.seed}"
-    return f"{experiment} replica {member.replica} member {member.index} (seed {member.seed})"
 
 
 def normalized_splits(
@@ -168,7 +134,10 @@ def train_tracked(
             if previous_run is not None:
                 _share_start(parallel, saved)
                 # Trained before with this config, seed and data: the same network again, and
-                # its MLflow run stays as it ended.
+                # its MLflow run stays as it ended (nested under this parent from now on:
+                # another matrix.seeds makes another parent of the same runs).
+                if parent_run_id is not None:
+                    tracking.set_tags(previous_run, {"mlflow.parentRunId": parent_run_id})
                 model = _new_model(config, tensors, data_meta).to(_device_of(tensors))
                 model.load_state_dict(_kept_weights(saved["loop"], config))
                 result = _finished_result(saved["loop"], config)

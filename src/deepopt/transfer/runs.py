@@ -15,19 +15,20 @@ from torch import nn
 
 from deepopt import paths, tracking
 from deepopt.config import (
-    ModelConfig,
     Params,
     RunConfig,
     TransferConfig,
     apply_overrides,
     resolve_transfer,
+    saved_model_config,
 )
 from deepopt.data import file_sha256, image_shape
 from deepopt.errors import ConfigError, DataError
 from deepopt.files import UnreadableFileError, load_torch
 from deepopt.metrics import loss_and_accuracy
 from deepopt.training.loop import evaluate_logits
-from deepopt.training.member import Member, MemberResult, train_tracked
+from deepopt.training.member import MemberResult, train_tracked
+from deepopt.training.seeds import Member
 from deepopt.transfer.freezing import load_backbone, param_groups
 from deepopt.transfer.tasks import (
     Task,
@@ -180,7 +181,7 @@ def load_pretrained(path: Path) -> dict[str, Any]:
 def check_source(source: Mapping[str, Any], config: RunConfig, target: Task, path: Path) -> None:
     """The pretrained network fits the fine-tunes' model config and the target's images."""
     try:
-        pretrained = ModelConfig.model_validate(source["model_config"])
+        pretrained = saved_model_config(source["model_config"])
     except ValidationError:
         raise DataError(f"{path}: its model config is not valid; {_REPRETRAIN}") from None
     if pretrained.model_copy(update={"weights": None}) != config.model:

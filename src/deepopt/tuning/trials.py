@@ -20,7 +20,8 @@ from deepopt import interrupts, tracking
 from deepopt.config import RunConfig, TuneConfig
 from deepopt.errors import DataError, DeepoptError, DivergedError, one_line
 from deepopt.training import LoopState, checkpoint_file, load_checkpoint, save_checkpoint
-from deepopt.training.member import Member, train_tracked
+from deepopt.training.member import train_tracked
+from deepopt.training.seeds import Member
 from deepopt.tuning.space import objective_value, sample_overrides, trial_config
 from deepopt.tuning.storage import StudyStorage, claim_lock, fail_stale, requeue
 
