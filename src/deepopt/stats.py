@@ -1,7 +1,8 @@
 """Statistics over seed replicas, for the reports' tables and the MLflow parent runs:
 Student-t intervals of a mean, paired and one-sample t tests, Holm's correction across a
 table of claims, and the verdict a claim gets from them. Pure functions on sequences of
-floats, computed by `scipy.stats`.
+floats, computed by scipy (`scipy.stats` for the tests, `scipy.special`'s t quantile for
+the interval).
 
 Replica r of every experiment trains with seed + r (same data order and, where the
 architectures match, the same initial weights), so two experiments compare pairwise by
@@ -17,7 +18,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import scipy.stats
+import scipy.special
+
+# scipy.stats is imported inside the test functions below, not here: it takes ~1 s to
+# import, and the train and evaluate stages need only the interval (their MLflow parent
+# runs' metrics), which scipy.special gives in ~0.3 s.
 
 __all__ = [
     "ALPHA",
@@ -78,11 +83,12 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Interval
     mean = float(data.mean())
     if n == 1:
         return Interval(mean, math.nan, math.nan, 1)
-    sem = float(scipy.stats.sem(data))
-    if sem == 0.0:  # identical replicas: scipy's interval is nan for a zero scale
+    sem = float(data.std(ddof=1)) / math.sqrt(n)
+    if sem == 0.0:  # identical replicas: a zero-width interval
         return Interval(mean, mean, mean, n)
-    low, high = scipy.stats.t.interval(confidence, n - 1, loc=mean, scale=sem)
-    return Interval(mean, float(low), float(high), n)
+    # scipy.stats.t.interval's bounds: the t quantile of (1 + confidence) / 2, n - 1 dof.
+    half_width = float(scipy.special.stdtrit(n - 1, (1.0 + confidence) / 2)) * sem
+    return Interval(mean, mean - half_width, mean + half_width, n)
 
 
 def _paired_arrays(a: Sequence[float], b: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -109,6 +115,8 @@ def paired_difference(
     it is the non-inferiority test "a is no worse than b by more than margin"
     (H0: mean(a - b) <= -margin). The interval is of a - b itself, unshifted.
     """
+    import scipy.stats  # lazy (see the top)
+
     first, second = _paired_arrays(a, b)
     n = int(first.size)
     difference = mean_interval((first - second).tolist(), confidence)
@@ -131,6 +139,8 @@ def one_sample(
 ) -> PairedResult:
     """The one-sample t test of mean(values) against `reference` (margin as in
     `paired_difference`); the interval is of values - reference."""
+    import scipy.stats  # lazy (see the top)
+
     data = np.asarray(values, dtype=float)
     n = int(data.size)
     difference = mean_interval((data - reference).tolist(), confidence)
@@ -154,6 +164,8 @@ def wilcoxon_p(
 ) -> float:
     """The Wilcoxon signed-rank p-value of a - b (+ margin); nan when n < 2 or all the
     differences are zero. Its exact two-sided p is never below 2 / 2**n (0.25 at n = 3)."""
+    import scipy.stats  # lazy (see the top)
+
     first, second = _paired_arrays(a, b)
     differences = first - second + margin
     if differences.size < 2 or not np.any(differences):
