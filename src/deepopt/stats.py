@@ -30,6 +30,7 @@ __all__ = [
     "Interval",
     "PairedResult",
     "Verdict",
+    "format_p",
     "holm",
     "mean_interval",
     "one_sample",
@@ -57,11 +58,20 @@ class Interval:
     def half_width(self) -> float:
         return (self.high - self.low) / 2
 
-    def format(self, digits: int = 4) -> str:
-        """Mean ± half-width, "0.8612 ± 0.0031", or the mean alone without an interval."""
+    def format(self, digits: int = 4, *, signed: bool = False) -> str:
+        """Mean ± half-width, "0.8612 ± 0.0031", or the mean alone without an interval;
+        ``signed`` for a difference: "+0.0120 ± 0.0031"."""
+        sign = "+" if signed else ""
         if math.isnan(self.half_width):
-            return f"{self.mean:.{digits}f}"
-        return f"{self.mean:.{digits}f} ± {self.half_width:.{digits}f}"
+            return f"{self.mean:{sign}.{digits}f}"
+        return f"{self.mean:{sign}.{digits}f} ± {self.half_width:.{digits}f}"
+
+
+def format_p(p: float, missing: str = "—") -> str:
+    """A p-value as the reports print it: 0.042, "< 0.001", or ``missing`` when there is none."""
+    if math.isnan(p):
+        return missing
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from deepopt.reporting.claims import MEASURES, ClaimRow
 from deepopt.reporting.figures import BAND
 from deepopt.reporting.lecture import LECTURE, LECTURE_DATASET
 from deepopt.reporting.results import DeepRow, Summary
-from deepopt.stats import ALPHA, Interval
+from deepopt.stats import ALPHA, Interval, format_p
 
 __all__ = ["MISSING", "difference_notes", "render_markdown"]
 
@@ -163,12 +163,6 @@ def _reading_notes(summaries: Sequence[Summary]) -> list[str]:
     return notes
 
 
-def _p(p: float) -> str:
-    if math.isnan(p):
-        return MISSING
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
-
-
 def _experiments(row: ClaimRow) -> str:
     claim = row.claim
     if claim.b is None:
@@ -179,11 +173,7 @@ def _experiments(row: ClaimRow) -> str:
 def _difference(row: ClaimRow) -> str:
     if row.result is None:
         return MISSING
-    difference, digits = row.result.difference, MEASURES[row.claim.measure].digits
-    text = f"{difference.mean:+.{digits}f}"
-    if not math.isnan(difference.half_width):
-        text += f" ± {difference.half_width:.{digits}f}"
-    return text
+    return row.result.difference.format(MEASURES[row.claim.measure].digits, signed=True)
 
 
 def _claim_text(row: ClaimRow) -> str:
@@ -223,15 +213,17 @@ def _claims_section(rows: Sequence[ClaimRow]) -> list[str]:
             _experiments(row),
             MEASURES[row.claim.measure].label,
             _difference(row),
-            _p(math.nan if row.result is None else row.result.p_value),
-            _p(row.p_holm),
+            format_p(math.nan if row.result is None else row.result.p_value),
+            format_p(row.p_holm),
             row.verdict,
             _escape(row.claim.lecture),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     wilcoxon = [
-        f"{_experiments(row)} {_p(row.wilcoxon)}" for row in rows if not math.isnan(row.wilcoxon)
+        f"{_experiments(row)} {format_p(row.wilcoxon)}"
+        for row in rows
+        if not math.isnan(row.wilcoxon)
     ]
     if wilcoxon:
         lines += [

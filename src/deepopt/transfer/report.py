@@ -21,6 +21,7 @@ from deepopt.stats import (
     ALPHA,
     Interval,
     PairedResult,
+    format_p,
     holm,
     mean_interval,
     paired_difference,
@@ -87,19 +88,11 @@ def _paired(cells: Accuracies, *keys: tuple[str, int]) -> list[list[float]]:
     return [[cell[seed] for seed in seeds] for cell in found]
 
 
-def _p(value: float) -> str:
-    if math.isnan(value):
-        return MISSING
-    return f"{value:.2g}" if value < 0.001 else f"{value:.3f}"
-
-
 def _signed(interval: Interval) -> str:
     """A difference: "+0.1200 ± 0.0300" (the mean alone without an interval)."""
     if interval.n == 0:
         return MISSING
-    if math.isnan(interval.half_width):
-        return f"{interval.mean:+.4f}"
-    return f"{interval.mean:+.4f} ± {interval.half_width:.4f}"
+    return interval.format(4, signed=True)
 
 
 def transfer_table(runs: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -156,8 +149,8 @@ def gain_table(rows: Sequence[GainRow]) -> list[str]:
     for row in rows:
         lines.append(
             f"| {row.per_class} | {_label(row.mode)} − {_label(BASELINE)} | "
-            f"{_signed(row.result.difference)} | {row.result.n} | {_p(row.result.p_value)} | "
-            f"{_p(row.p_holm)} |"
+            f"{_signed(row.result.difference)} | {row.result.n} | {format_p(row.result.p_value)} | "
+            f"{format_p(row.p_holm)} |"
         )
     return lines
 
@@ -231,8 +224,8 @@ def claim_table(rows: Sequence[ClaimRow]) -> list[str]:
         lines.append(
             f"| {CLAIM} | {_label(row.mode)} | {row.smallest} / class: "
             f"{_signed(row.gain_small)} | {row.largest} / class: {_signed(row.gain_large)} | "
-            f"{_signed(row.result.difference)} | {row.result.n} | {_p(row.result.p_value)} | "
-            f"{_p(row.p_holm)} | **{row.verdict}** |"
+            f"{_signed(row.result.difference)} | {row.result.n} | {format_p(row.result.p_value)} | "
+            f"{format_p(row.p_holm)} | **{row.verdict}** |"
         )
     return lines
 
