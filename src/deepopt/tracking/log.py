@@ -184,9 +184,24 @@ def log_dataset(
         dataset=Dataset(**dataset.to_dict()),
         tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)],
     )
-    _call(
-        f"log dataset '{name}' to run {run_id}",
-        lambda: _client().log_inputs(run_id, datasets=[entry]),
+    what = f"log dataset '{name}' to run {run_id}"
+    try:
+        _call(what, lambda: _client().log_inputs(run_id, datasets=[entry]))
+    except TrackingError as err:
+        # Two processes (tune's workers) logging the same new dataset at once: MLflow looks
+        # it up, both insert it, one insert breaks the unique key. The dataset is there now:
+        # once more links this run to it.
+        if not _duplicate_key(err):
+            raise
+        _call(what, lambda: _client().log_inputs(run_id, datasets=[entry]))
+
+
+def _duplicate_key(error: TrackingError) -> bool:
+    """A database's unique-key violation (sqlite, PostgreSQL, MySQL) behind ``error``."""
+    text = f"{error} {error.__cause__}"
+    return any(
+        marker in text
+        for marker in ("UNIQUE constraint failed", "duplicate key value", "Duplicate entry")
     )
 
 
