@@ -9,7 +9,7 @@ own log-softmax and the loss is the usual cross-entropy.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,7 +19,6 @@ __all__ = [
     "classification_report",
     "confusion_matrix",
     "ensemble_log_probs",
-    "interval_metrics",
     "loss_and_accuracy",
     "loss_and_accuracy_of_logits",
     "mean_and_std",
@@ -104,20 +103,3 @@ def mean_and_std(values: Sequence[float]) -> tuple[float, float]:
         return mean, 0.0
     variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
     return mean, math.sqrt(variance)
-
-
-def interval_metrics(values: Mapping[str, Sequence[float]]) -> dict[str, float]:
-    """Metrics of an experiment's parent run from each replica's value (pure): ``key`` the
-    mean, ``key_ci95_low``/``key_ci95_high`` its 95 % Student-t interval (only with two or
-    more replicas), and ``n_seeds``."""
-    from deepopt.stats import mean_interval  # lazy: scipy
-
-    metrics: dict[str, float] = {}
-    for key, series in values.items():
-        interval = mean_interval(series)
-        metrics[key] = interval.mean
-        if interval.n > 1:
-            metrics[f"{key}_ci95_low"] = interval.low
-            metrics[f"{key}_ci95_high"] = interval.high
-        metrics["n_seeds"] = interval.n
-    return metrics

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +32,7 @@ __all__ = [
     "Verdict",
     "format_p",
     "holm",
+    "interval_metrics",
     "mean_interval",
     "one_sample",
     "paired_difference",
@@ -99,6 +100,21 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Interval
     # scipy.stats.t.interval's bounds: the t quantile of (1 + confidence) / 2, n - 1 dof.
     half_width = float(scipy.special.stdtrit(n - 1, (1.0 + confidence) / 2)) * sem
     return Interval(mean, mean - half_width, mean + half_width, n)
+
+
+def interval_metrics(values: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """Metrics of an experiment's MLflow parent run from each replica's value: ``key`` the
+    mean, ``key_ci95_low``/``key_ci95_high`` its 95 % t interval (only with two or more
+    replicas), and ``n_seeds``."""
+    metrics: dict[str, float] = {}
+    for key, series in values.items():
+        interval = mean_interval(series)
+        metrics[key] = interval.mean
+        if interval.n > 1:
+            metrics[f"{key}_ci95_low"] = interval.low
+            metrics[f"{key}_ci95_high"] = interval.high
+        metrics["n_seeds"] = interval.n
+    return metrics
 
 
 def _paired_arrays(a: Sequence[float], b: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ from deepopt import tracking
 from deepopt.errors import TrackingError
 from deepopt.evaluation.replicas import ReplicaResult
 from deepopt.evaluation.trained import Trained
-from deepopt.metrics import interval_metrics
+from deepopt.stats import interval_metrics
 
 __all__ = ["check_runs_exist", "log_to_mlflow"]
 

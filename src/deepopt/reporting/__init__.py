@@ -43,20 +43,8 @@ from deepopt.reporting.results import (
     summarize,
     train_runs,
 )
-from deepopt.stats import (
-    ALPHA,
-    Interval,
-    PairedResult,
-    holm,
-    mean_interval,
-    one_sample,
-    paired_difference,
-    verdict,
-    wilcoxon_p,
-)
 
 __all__ = [
-    "ALPHA",
     "BAND",
     "CLAIMS",
     "GRAD_PREFIX",
@@ -71,9 +59,7 @@ __all__ = [
     "DeepRow",
     "ExperimentResult",
     "History",
-    "Interval",
     "LectureFigure",
-    "PairedResult",
     "RunHistory",
     "Summary",
     "dataset_name",
@@ -83,14 +69,10 @@ __all__ = [
     "experiment_names",
     "grad_norm_figure",
     "group_identical",
-    "holm",
     "layer_order",
     "lecture_claims",
     "load_experiment",
     "lr_figure",
-    "mean_interval",
-    "one_sample",
-    "paired_difference",
     "parse_history",
     "parse_runs",
     "read_meta",
@@ -102,6 +84,4 @@ __all__ = [
     "summarize",
     "train_runs",
     "val_loss_figure",
-    "verdict",
-    "wilcoxon_p",
 ]

@@ -12,7 +12,7 @@ from deepopt import devices, paths, tracking
 from deepopt.config import Params, config_hash, resolve_run, run_name
 from deepopt.data import load_prepared
 from deepopt.files import LockedError, check_writable, write_json, write_text, write_torch
-from deepopt.metrics import interval_metrics
+from deepopt.stats import interval_metrics
 from deepopt.training import distributed
 from deepopt.training.member import (
     follow_member,
