@@ -123,6 +123,13 @@ def _paired_arrays(a: Sequence[float], b: Sequence[float]) -> tuple[np.ndarray, 
     return np.asarray(a, dtype=float), np.asarray(b, dtype=float)
 
 
+def _varies(differences: np.ndarray) -> bool:
+    """Whether a t test is defined: with n >= 2 differences that are not all equal. Constant
+    differences have no variance, and scipy's t is then +-inf with p = 0 (or nan at zero):
+    n equal values are no evidence of a population without spread, so deepopt gives no p."""
+    return differences.size >= 2 and bool(np.ptp(differences) > 0)
+
+
 def _margin_note(margin: float) -> str:
     return f", margin {margin:g}" if margin else ""
 
@@ -139,7 +146,8 @@ def paired_difference(
 
     `margin` moves the null hypothesis to mean(a - b) = -margin: with alternative "greater"
     it is the non-inferiority test "a is no worse than b by more than margin"
-    (H0: mean(a - b) <= -margin). The interval is of a - b itself, unshifted.
+    (H0: mean(a - b) <= -margin). The interval is of a - b itself, unshifted. p is nan
+    with fewer than two pairs or when every difference is the same (see ``_varies``).
     """
     import scipy.stats  # lazy (see the top)
 
@@ -147,8 +155,8 @@ def paired_difference(
     n = int(first.size)
     difference = mean_interval((first - second).tolist(), confidence)
     p_value = math.nan
-    if n >= 2:
-        with warnings.catch_warnings():  # zero-variance differences: scipy warns, gives nan
+    if _varies(first - second):
+        with warnings.catch_warnings():  # nearly equal values: scipy warns of precision loss
             warnings.simplefilter("ignore", RuntimeWarning)
             result = scipy.stats.ttest_rel(first + margin, second, alternative=alternative)
         p_value = float(result.pvalue)
@@ -171,7 +179,7 @@ def one_sample(
     n = int(data.size)
     difference = mean_interval((data - reference).tolist(), confidence)
     p_value = math.nan
-    if n >= 2:
+    if _varies(data):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             result = scipy.stats.ttest_1samp(data + margin, reference, alternative=alternative)
@@ -189,7 +197,8 @@ def wilcoxon_p(
     margin: float = 0.0,
 ) -> float:
     """The Wilcoxon signed-rank p-value of a - b (+ margin); nan when n < 2 or all the
-    differences are zero. Its exact two-sided p is never below 2 / 2**n (0.25 at n = 3)."""
+    differences are zero (constant non-zero ones are fine for a test of signs and ranks).
+    Its exact two-sided p is never below 2 / 2**n (0.25 at n = 3)."""
     import scipy.stats  # lazy (see the top)
 
     first, second = _paired_arrays(a, b)

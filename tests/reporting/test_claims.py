@@ -201,7 +201,10 @@ def test_unequal_replicas_pair_the_common_ones_and_say_so(matrix: Params) -> Non
     markdown_rows = _report(matrix)
     assert markdown_rows[BN_VS_NOBN]["verdict"] == "inconclusive at n = 2"
     markdown = Path("reports/lecture.md").read_text(encoding="utf-8")
-    assert "paired over the 2 replica(s) both ran (`bn_sgd_earlystop` has 3, `nobn` 2)" in markdown
+    assert (
+        "paired over the 2 replica(s) both measured (`bn_sgd_earlystop` has 3, `nobn` 2)"
+        in markdown
+    )
 
 
 def _results(**experiments: dict[str, Any]) -> dict[str, reporting.ExperimentResult]:
@@ -223,7 +226,9 @@ def test_schedule_within_the_margin_is_no_worse(
         bn_sgd_decay={
             "test_acc": [a + d for a, d in zip(BASE_ACC, [-0.001, 0.0005, 0.0], strict=True)]
         },
-        bn_sgd_linear={"test_acc": [a - 0.02 for a in BASE_ACC]},
+        bn_sgd_linear={
+            "test_acc": [a + d for a, d in zip(BASE_ACC, [-0.02, -0.018, -0.023], strict=True)]
+        },
     )
     rows = reporting.evaluate_claims(reporting.lecture_claims(results), results)
     assert _row(rows, "bn_sgd_decay", "bn_sgd_earlystop").verdict == "supported"
@@ -296,3 +301,21 @@ def test_skip_connections_claim_is_on_the_training_loss(
     row = _row(rows, "resnet_20", "plain_20")
     assert (row.claim.measure, row.claim.side) == ("final_loss", "less")
     assert row.verdict == "supported"
+
+
+def test_an_experiment_without_diagnostics_is_not_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    relu_norms = [{"stem": 0.1, "dense": 0.2}] * 3
+    results = _results(  # vanishing_sigmoid trained with train.diagnostics: false
+        vanishing_relu={"test_acc": BASE_ACC, "grad_norms": relu_norms},
+        vanishing_sigmoid={"test_acc": BASE_ACC},
+    )
+    rows = reporting.evaluate_claims(reporting.lecture_claims(results), results)
+    gradient = _row(rows, "vanishing_relu", "vanishing_sigmoid")
+    assert (gradient.verdict, gradient.result) == ("not measured", None)
+    assert (
+        "no log10 gradient norm, first layer (last epoch) in `vanishing_sigmoid`" in gradient.note
+    )
+    assert math.isnan(gradient.p_holm)

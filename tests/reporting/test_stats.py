@@ -137,3 +137,15 @@ def test_non_inferiority_claim_against_its_margin() -> None:
 def test_single_replica_and_absent_claims() -> None:
     assert _verdict(math.nan, math.nan, math.nan, math.nan, n=1) == "inconclusive at n = 1"
     assert _verdict(math.nan, math.nan, math.nan, math.nan, n=0) == "not run"
+
+
+def test_constant_differences_get_no_p_value() -> None:
+    # scipy gives t = inf and p = 0 for [1, 1, 1] - [0, 0, 0]: three equal differences are
+    # no evidence without a spread, so the claim stays inconclusive instead of "supported".
+    assert scipy.stats.ttest_rel([1.0, 2.0, 3.0], [0.0, 1.0, 2.0]).pvalue == 0.0
+    result = paired_difference([1.0, 2.0, 3.0], [0.0, 1.0, 2.0], alternative="greater")
+    assert math.isnan(result.p_value)
+    assert (result.difference.low, result.difference.high) == (1.0, 1.0)
+    assert math.isnan(one_sample([0.7, 0.7, 0.7], 0.5, alternative="greater").p_value)
+    judged = verdict(result.difference, p_holm=math.nan, p_two_sided_holm=math.nan, side="greater")
+    assert judged == "inconclusive at n = 3"

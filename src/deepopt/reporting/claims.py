@@ -255,12 +255,28 @@ class _Tested:
     note: str
 
 
-def _test(claim: Claim, results: Mapping[str, ExperimentResult]) -> _Tested | None:
+def _unmeasured(claim: Claim, values: Mapping[str, Mapping[int, float]]) -> str:
+    """Why the claim cannot be tested although its experiments ran, or "": an experiment
+    without the measure in any replica (trained with train.diagnostics off, or every
+    replica diverged). Replicas missing from one side only are paired over the rest."""
+    missing = [f"`{name}`" for name, per_replica in values.items() if not per_replica]
+    if not missing:
+        return ""
+    label = MEASURES[claim.measure].label
+    return f"no {label} in {' or '.join(missing)} (train.diagnostics off, or diverged)"
+
+
+def _test(claim: Claim, results: Mapping[str, ExperimentResult]) -> _Tested | str | None:
+    """The claim's tests; None when an experiment did not run, a reason when it ran but
+    did not record the measure."""
     names = [claim.a] if claim.b is None else [claim.a, claim.b]
     if any(name not in results for name in names):
         return None
     measure = MEASURES[claim.measure].per_replica
     a = measure(results[claim.a])
+    unmeasured = _unmeasured(claim, {name: measure(results[name]) for name in names})
+    if unmeasured:
+        return unmeasured
     if claim.b is None:
         values = [a[r] for r in sorted(a)]
         if not values:
@@ -277,7 +293,7 @@ def _test(claim: Claim, results: Mapping[str, ExperimentResult]) -> _Tested | No
     note = ""
     if len(a) != len(b) or len(common) != len(a):
         note = (
-            f"paired over the {len(common)} replica(s) both ran "
+            f"paired over the {len(common)} replica(s) both measured "
             f"(`{claim.a}` has {len(a)}, `{claim.b}` {len(b)})"
         )
     first, second = [a[r] for r in common], [b[r] for r in common]
@@ -296,12 +312,17 @@ def evaluate_claims(
     the claimed-side p-values for "supported", and over the two-sided ones (at the same
     boundary, -margin) for "contradicted"."""
     tested = [_test(claim, results) for claim in claims]
-    p_claimed = holm([math.nan if t is None else t.claimed.p_value for t in tested])
-    p_two_sided = holm([math.nan if t is None else t.two_sided.p_value for t in tested])
+    p_claimed = holm([t.claimed.p_value if isinstance(t, _Tested) else math.nan for t in tested])
+    p_two_sided = holm(
+        [t.two_sided.p_value if isinstance(t, _Tested) else math.nan for t in tested]
+    )
     rows = []
     for claim, test, p_holm, p_against in zip(claims, tested, p_claimed, p_two_sided, strict=True):
         if test is None:
             rows.append(ClaimRow(claim, None, math.nan, "not run", math.nan, ""))
+            continue
+        if isinstance(test, str):
+            rows.append(ClaimRow(claim, None, math.nan, "not measured", math.nan, test))
             continue
         judged = verdict(
             test.claimed.difference,

@@ -201,7 +201,8 @@ def _claims_section(rows: Sequence[ClaimRow]) -> list[str]:
         "on the claimed side. Contradicted: the two-sided test at the same boundary, "
         "Holm-adjusted the same way, rejects and the whole interval lies on the other "
         "side. Anything else is inconclusive at this n: overlapping intervals are never "
-        "counted as support. Not run: an experiment of the claim is not in this run.",
+        "counted as support. Not run: an experiment of the claim is not in this run; not "
+        "measured: it ran without recording the measure (see the notes).",
         "",
         "| claim | experiments | measure | paired difference (95 % CI) | p (paired t) | "
         "p Holm | verdict | lecture |",
@@ -235,7 +236,7 @@ def _claims_section(rows: Sequence[ClaimRow]) -> list[str]:
         ]
     notes = [f"- {_experiments(row)}: {row.note}." for row in rows if row.note]
     if notes:
-        lines += ["Unequal replicas:", "", *notes, ""]
+        lines += ["Notes:", "", *notes, ""]
     return lines
 
 
