@@ -48,6 +48,20 @@ postgresql:
 	  echo "note: apt-get is not available; install PostgreSQL for the database tests"; \
 	fi
 
+# Debian's headless Chromium and its chromedriver, for tests/system/test_browser.py, which
+# opens reports/index.html in it (selenium drives it; no network needed).
+.PHONY: chromium
+chromium:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium and chromium-driver (headless browser for the tests)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else \
+	  echo "note: apt-get is not available; install Chromium and chromedriver for the browser test"; \
+	fi
+
 repro: setup
 	$(BIN)/dvc repro
 
@@ -66,8 +80,15 @@ lint: $(STAMP)
 # The tests in PYTEST_WORKERS processes (pytest-xdist); PYTEST_WORKERS=0 runs them in this one.
 PYTEST_WORKERS ?= 2
 
-test: setup lint postgresql
+test: setup lint postgresql chromium
 	$(BIN)/pytest -n $(PYTEST_WORKERS)
+
+# The report as one page (make repro writes it): its path, and the desktop's browser on it.
+.PHONY: report-open
+report-open:
+	@test -f reports/index.html || { echo "reports/index.html is missing: run make repro"; exit 1; }
+	@echo "$(CURDIR)/reports/index.html"
+	@xdg-open reports/index.html >/dev/null 2>&1 || $(BIN)/python -m webbrowser -t "file://$(CURDIR)/reports/index.html" >/dev/null 2>&1 || true
 
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host $(UI_HOST) --port $(UI_PORT)
@@ -93,5 +114,5 @@ mlflow-server: $(STAMP)
 	  $(MLFLOW_SERVER_OPTS)
 
 clean:
-	rm -rf data/prepared models metrics plots reports params checkpoints
+	rm -rf data/prepared models metrics plots reports summary.json params checkpoints
 	rm -rf transfer/models transfer/metrics transfer/report.md transfer/accuracy_vs_size.png

@@ -67,7 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
             help="YAML overrides applied on top (e.g. params/best.yaml); with it, a NAME that "
             "is not an experiment only names the outputs and the base config is used",
         )
+    lr_find = _add_stage(
+        sub, "lr-find", "LR range test of an experiment: lr_find/NAME.json, .csv and .png, MLflow"
+    )
+    lr_find.set_defaults(stage="lr_find")  # the module's name
+    lr_find.add_argument(
+        "--experiment", metavar="NAME", help="an entry of params.yaml experiments (default: base)"
+    )
     _add_stage(sub, "report", "write reports/lecture.md and its plots from metrics/ and plots/")
+    _add_stage(sub, "figures", "draw the lecture's figures into figures/ and log them to MLflow")
     _add_tune(sub)
     _add_stage(sub, "pretrain", "train on transfer.source; write transfer/models/pretrain.pt")
     _add_stage(

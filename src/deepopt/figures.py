@@ -13,7 +13,7 @@ from typing import Any
 import matplotlib
 from matplotlib.figure import Figure
 
-__all__ = ["pinned_style", "plot_history", "png_bytes", "pyplot"]
+__all__ = ["pinned_style", "plot_history", "plot_lr_find", "png_bytes", "pyplot"]
 
 
 def pinned_style() -> matplotlib.RcParams:
@@ -68,5 +68,36 @@ def plot_history(history: Sequence[dict[str, float]], title: str = "") -> Figure
     ax_lr.grid(True)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_lr_find(
+    lrs: Sequence[float],
+    losses: Sequence[float],
+    *,
+    suggestion_step: int | None,
+    lr_used: float,
+    title: str = "",
+    skip_end: int = 5,
+) -> Figure:
+    """The range test's smoothed loss against the learning rate (log scale), as fastai's
+    ``plot_lr_find`` draws it (without the last ``skip_end`` points, where the loss
+    explodes), with the suggested rate marked and the rate the config trains at."""
+    shown = max(1, len(lrs) - skip_end)
+    fig = Figure(figsize=(6.4, 4.2))
+    axis = fig.subplots()
+    axis.plot(lrs[:shown], losses[:shown])
+    if suggestion_step is not None:
+        step = suggestion_step
+        axis.plot([lrs[step]], [losses[step]], "o", color="C1", label=f"valley: {lrs[step]:.3g}")
+    axis.axvline(lr_used, color="C2", linestyle="--", label=f"optim.lr: {lr_used:.3g}")
+    axis.set_xscale("log")
+    axis.set_xlabel("learning rate")
+    axis.set_ylabel("smoothed training loss")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(loc="best")
+    if title:
+        axis.set_title(title)
     fig.tight_layout()
     return fig

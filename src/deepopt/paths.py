@@ -27,11 +27,15 @@ __all__ = [
     "BASE_EXPERIMENT",
     "BEST_EXPERIMENT",
     "BEST_PARAMS",
+    "FIGURES_DIR",
+    "LR_FIND_DIR",
     "PARAMS_FILE",
     "PREPARED_DIR",
     "REPORT_DIR",
     "REPORT_FILE",
+    "REPORT_HTML",
     "REPORT_PLOTS",
+    "SUMMARY_METRICS",
     "TRANSFER_DIR",
     "allow_outputs_under",
     "check_output",
@@ -39,6 +43,9 @@ __all__ = [
     "checkpoint_lock",
     "eval_metrics_path",
     "history_path",
+    "lr_find_curve_path",
+    "lr_find_metrics_path",
+    "lr_find_plot_path",
     "meta_path",
     "model_path",
     "output_roots",
@@ -60,14 +67,24 @@ BASE_EXPERIMENT = "base"  # the run config without any experiment applied (no ex
 BEST_EXPERIMENT = "train_best"  # the study's best params, trained by dvc.yaml's train_best
 BEST_PARAMS = Path("params/best.yaml")  # written by tune: the best trial's overrides
 PREPARED_DIR = Path("data/prepared")
+FIGURES_DIR = Path("figures")  # the figures stage's one out: the lecture's figures
 REPORT_DIR = Path("reports")  # the report stage's one out: lecture.md and its plots
 REPORT_FILE = "lecture.md"
+REPORT_HTML = "index.html"  # the same report as one self-contained page, beside lecture.md
+# The report stage's metrics file for `dvc exp show` (reporting/summary.py); not in reports/
+# (that folder is one cached out) nor in metrics/ (a dependency of the same stage).
+SUMMARY_METRICS = Path("summary.json")
 REPORT_PLOTS = {  # figure key -> file in REPORT_DIR
     "val_loss": "val_loss.png",
     "lr": "lr.png",
+    "zero_fraction": "zero_fraction.png",
     "grad_norms": "grad_norms.png",
     "deep_grad_norms": "deep_grad_norms.png",
 }
+# `deepopt lr-find` writes <experiment>.json, .csv and .png here, a folder of its own: an
+# experiment name is a folder under models/, metrics/, plots/ and checkpoints/ (in metrics/
+# an experiment named lr_find would meet the test's files), never one of lr_find/.
+LR_FIND_DIR = Path("lr_find")
 # The transfer pipeline (transfer/dvc.yaml) keeps all its outputs here, apart from the
 # main pipeline's metrics/ and plots/, which the report stage depends on as folders.
 TRANSFER_DIR = Path("transfer")
@@ -110,6 +127,20 @@ def history_path(experiment: str) -> Path:
 def runs_history_path(experiment: str) -> Path:
     """Every member's history (history.csv holds the first run's only, for `dvc plots`)."""
     return plots_dir(experiment) / "runs.csv"
+
+
+def lr_find_metrics_path(experiment: str) -> Path:
+    """The range test's suggestion, the rates it is compared with and its settings."""
+    return LR_FIND_DIR / f"{experiment}.json"
+
+
+def lr_find_curve_path(experiment: str) -> Path:
+    """The range test's curve: step, lr and smoothed loss per batch (`dvc plots`)."""
+    return LR_FIND_DIR / f"{experiment}.csv"
+
+
+def lr_find_plot_path(experiment: str) -> Path:
+    return LR_FIND_DIR / f"{experiment}.png"
 
 
 def checkpoint_dir(root: str | Path, experiment: str) -> Path:

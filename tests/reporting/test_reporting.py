@@ -21,7 +21,7 @@ from deepopt.config import Params, parse_params
 from deepopt.errors import DataError
 from deepopt.stages import report
 
-OUTPUTS = ("lecture.md", "val_loss.png", "lr.png", "grad_norms.png")
+OUTPUTS = ("lecture.md", "val_loss.png", "lr.png", "zero_fraction.png", "grad_norms.png")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LAYERS = ("dense1", "dense2", "dense10", "logits")  # forward order; a string sort differs
 
@@ -279,7 +279,7 @@ def test_zero_std_of_a_single_replica_is_not_shown(workspace: Params) -> None:
     assert _rows(_markdown())["my_new_idea"]["test acc"] == "0.7900"
 
 
-def test_three_plots_are_written_and_linked(workspace: Params) -> None:
+def test_every_plot_is_written_and_linked(workspace: Params) -> None:
     summary = report.main(workspace)
     assert summary["plots"] == [f"reports/{name}" for name in OUTPUTS[1:]]
     markdown = _markdown()

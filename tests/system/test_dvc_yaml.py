@@ -51,6 +51,14 @@ def test_stage_outputs_are_the_paths_the_code_writes() -> None:
     assert _for(train, "plots", name) == [str(paths.history_path(name))]
     assert _for(evaluate, "metrics", name) == [str(paths.eval_metrics_path(name))]
     assert f"experiments.{'${key}'}" in train["do"]["params"]
+    lr_find, base = stages["lr_find"], paths.BASE_EXPERIMENT  # `deepopt lr-find`: the base config
+    assert _names(lr_find["metrics"]) == [str(paths.lr_find_metrics_path(base))]
+    assert _names(lr_find["plots"]) == [
+        str(paths.lr_find_curve_path(base)),
+        str(paths.lr_find_plot_path(base)),
+    ]
+    assert str(paths.lr_find_metrics_path(base)) in stages["report"]["deps"]
+    assert _names(stages["report"]["metrics"]) == [str(paths.SUMMARY_METRICS)]
 
 
 def test_every_experiment_gets_a_train_and_an_evaluate_stage(tmp_path: Path) -> None:
@@ -124,10 +132,11 @@ PIPELINES = (REPO / "dvc.yaml", REPO / "transfer" / "dvc.yaml")
 
 
 def _stage_module(command: str) -> str:
-    """The stage module a dvc.yaml command runs: `deepopt train ...` -> deepopt.stages.train."""
+    """The stage module a dvc.yaml command runs: `deepopt train ...` -> deepopt.stages.train,
+    `deepopt lr-find` -> deepopt.stages.lr_find."""
     words = command.split()
     assert words[0] == "deepopt", command
-    return f"deepopt.stages.{words[1]}"
+    return f"deepopt.stages.{words[1].replace('-', '_')}"
 
 
 def _module_file(module: str) -> Path:

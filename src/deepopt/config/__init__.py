@@ -4,6 +4,7 @@ section (run, tune, transfer) is the single source of defaults; problems are one
 from __future__ import annotations
 
 from deepopt.config.loading import load_overrides, load_params, parse_params, resolve_run
+from deepopt.config.lr_find import LrFindConfig
 from deepopt.config.names import (
     DEVICE_CHOICES,
     NAME_RULE,
@@ -65,6 +66,7 @@ __all__ = [
     "TRANSFER_MODES",
     "DataConfig",
     "EarlyStopConfig",
+    "LrFindConfig",
     "MatrixConfig",
     "MlflowConfig",
     "ModelConfig",

@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from deepopt.config.limits import MAX_FINETUNE_IMAGES
+from deepopt.config.lr_find import LrFindConfig
 from deepopt.config.messages import format_validation_error
 from deepopt.config.names import check_experiment_name
 from deepopt.config.run import (
@@ -41,6 +42,8 @@ class Params(RunConfig):
     experiments: dict[str, dict[str, Any]] = Field(default_factory=dict)
     tune: TuneConfig = TuneConfig()
     transfer: TransferConfig = TransferConfig()
+    # `deepopt lr-find`: the learning-rate range test (fastai's defaults).
+    lr_find: LrFindConfig = LrFindConfig()
 
     @field_validator("experiments", mode="before")
     @classmethod

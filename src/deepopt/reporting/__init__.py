@@ -1,6 +1,7 @@
 """The report's parts: the lecture's reference numbers, what the pipeline wrote (read
 back), the statistics over replicas, the lecture's claims and their verdicts,
-reports/lecture.md as text, and the report's figures."""
+reports/lecture.md as text, reports/index.html (the same as one page, with its figures and
+run links), and the report's figures."""
 
 from deepopt.reporting.claims import (
     CLAIMS,
@@ -18,9 +19,28 @@ from deepopt.reporting.figures import (
     lr_figure,
     report_figures,
     val_loss_figure,
+    zero_fraction_figure,
 )
+from deepopt.reporting.html import render_html
 from deepopt.reporting.lecture import LECTURE, LECTURE_DATASET, LectureFigure
+from deepopt.reporting.links import (
+    MLFLOW_UI,
+    RunLinks,
+    SourceState,
+    mlflow_ui_base,
+    read_run_links,
+    run_url,
+    source_state,
+)
+from deepopt.reporting.lr_find import (
+    LearningRates,
+    learning_rate_note,
+    learning_rate_rows,
+    lr_find_lines,
+    read_learning_rates,
+)
 from deepopt.reporting.markdown import MISSING, difference_notes, render_markdown
+from deepopt.reporting.page import Image, read_images
 from deepopt.reporting.results import (
     GRAD_PREFIX,
     ZERO_PREFIX,
@@ -43,6 +63,7 @@ from deepopt.reporting.results import (
     summarize,
     train_runs,
 )
+from deepopt.reporting.summary import SUMMARY_KEY, summary_metrics
 
 __all__ = [
     "BAND",
@@ -52,15 +73,21 @@ __all__ = [
     "LECTURE_DATASET",
     "MEASURES",
     "MISSING",
+    "MLFLOW_UI",
     "NON_INFERIORITY_MARGIN",
+    "SUMMARY_KEY",
     "ZERO_PREFIX",
     "Claim",
     "ClaimRow",
     "DeepRow",
     "ExperimentResult",
     "History",
+    "Image",
+    "LearningRates",
     "LectureFigure",
     "RunHistory",
+    "RunLinks",
+    "SourceState",
     "Summary",
     "dataset_name",
     "deep_rows",
@@ -70,18 +97,30 @@ __all__ = [
     "grad_norm_figure",
     "group_identical",
     "layer_order",
+    "learning_rate_note",
+    "learning_rate_rows",
     "lecture_claims",
     "load_experiment",
     "lr_figure",
+    "lr_find_lines",
+    "mlflow_ui_base",
     "parse_history",
     "parse_runs",
+    "read_images",
+    "read_learning_rates",
     "read_meta",
+    "read_run_links",
+    "render_html",
     "render_markdown",
     "replica_curves",
     "replica_means",
     "replica_test_acc",
     "report_figures",
+    "run_url",
+    "source_state",
     "summarize",
+    "summary_metrics",
     "train_runs",
     "val_loss_figure",
+    "zero_fraction_figure",
 ]

@@ -1,6 +1,6 @@
-"""The report's figures: every experiment's validation loss and per-layer gradient norms
-(the mean over its replicas with their min–max band) and its learning rate, overlaid
-(``deepopt.figures.png_bytes`` renders them)."""
+"""The report's figures: every experiment's validation loss, per-layer gradient norms and
+fractions of zero ReLU outputs (the mean over its replicas with their min–max band) and its
+learning rate, overlaid (``deepopt.figures.png_bytes`` renders them)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from deepopt.reporting.results import GRAD_PREFIX, History, layer_order
+from deepopt.reporting.results import GRAD_PREFIX, ZERO_PREFIX, History, layer_order
 
 __all__ = [
     "BAND",
@@ -24,6 +24,7 @@ __all__ = [
     "lr_figure",
     "report_figures",
     "val_loss_figure",
+    "zero_fraction_figure",
 ]
 
 # What the shaded band around a mean curve is (the report's text says the same).
@@ -153,45 +154,71 @@ def lr_figure(histories: Mapping[str, History]) -> Figure:
     return fig
 
 
-def grad_norm_figure(curves: Mapping[str, Sequence[History]]) -> Figure:
-    """Per-layer gradient norm in the first and the last epoch, one line per experiment:
-    the mean over its replicas with their min–max band (only experiments whose history
-    has grad_norm columns; the last epoch is each replica's own)."""
+def _layers(history: History, prefix: str) -> list[str]:
+    """The layers with a ``prefix`` column, in header order (train writes them in forward
+    order, input to output)."""
+    return [c.removeprefix(prefix) for c in history.columns if c.startswith(prefix)]
+
+
+def _per_layer_figure(
+    curves: Mapping[str, Sequence[History]], prefix: str, ylabel: str, *, log: bool
+) -> Figure:
+    """Column ``prefix``<layer> by layer in the first and the last epoch, one line per
+    experiment: the mean over its replicas with their min–max band (only experiments
+    whose history has such columns; the last epoch is each replica's own)."""
     layered = {
-        name: layer_order(histories[0])
+        name: _layers(histories[0], prefix)
         for name, histories in curves.items()
-        if layer_order(histories[0])
+        if _layers(histories[0], prefix)
     }
     orders = {tuple(layers) for layers in layered.values()}
     shared = next(iter(orders)) if len(orders) == 1 else None  # else the x axis is the depth
     fig = Figure(figsize=(11.0, 4.5), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     for panel, (axis, row) in enumerate(zip(axes, (0, -1), strict=True)):
-        norms: list[float] = []
+        drawn: list[float] = []
         for index, (name, layers) in enumerate(layered.items()):
             histories = curves[name]
-            samples = [[h.values[GRAD_PREFIX + layer][row] for layer in layers] for h in histories]
+            samples = [[h.values[prefix + layer][row] for layer in layers] for h in histories]
             epochs = sorted({int(h.values["epoch"][row]) + 1 for h in histories})
             shown = "/".join(str(e) for e in epochs)
             label = name if panel == 0 else f"{name} (epoch {shown})"
             x = list(range(1, len(layers) + 1))
-            norms += _mean_with_band(axis, x, samples, label, index, marker="o")
-        _log_if_wide(axis, norms)
+            drawn += _mean_with_band(axis, x, samples, label, index, marker="o")
+        if log:
+            _log_if_wide(axis, drawn)
         if shared is not None:
             axis.set_xticks(range(1, len(shared) + 1), shared, rotation=45, ha="right")
         axis.set_xlabel("layer (input → output)")
         axis.set_title("first epoch" if panel == 0 else "last epoch")
         axis.grid(True, which="major")
-    axes[0].set_ylabel("mean gradient norm of the weights")
+    axes[0].set_ylabel(ylabel)
     _legend_outside(axes[1])
     return fig
+
+
+def grad_norm_figure(curves: Mapping[str, Sequence[History]]) -> Figure:
+    """Per-layer gradient norm in the first and the last epoch, one line per experiment:
+    the mean over its replicas with their min–max band (only experiments whose history
+    has grad_norm columns; the last epoch is each replica's own)."""
+    return _per_layer_figure(curves, GRAD_PREFIX, "mean gradient norm of the weights", log=True)
+
+
+def zero_fraction_figure(curves: Mapping[str, Sequence[History]]) -> Figure:
+    """Per-ReLU-layer fraction of exactly-zero outputs (the lecture's sparsity: "most
+    nodes will output zero") in the first and the last epoch, like ``grad_norm_figure``:
+    the mean over the replicas with their min–max band, experiments with ReLUs only."""
+    figure = _per_layer_figure(curves, ZERO_PREFIX, "fraction of zero ReLU outputs", log=False)
+    figure.axes[0].set_ylim(0.0, 1.0)
+    return figure
 
 
 def report_figures(
     curves: Mapping[str, Sequence[History]], deep: Collection[str]
 ) -> dict[str, Callable[[], Figure]]:
-    """The report's figures by key (val_loss, lr, grad_norms, deep_grad_norms), as builders
-    for ``png_bytes``; a gradient-norm plot only when its experiments recorded grad norms.
+    """The report's figures by key (val_loss, lr, zero_fraction, grad_norms,
+    deep_grad_norms), as builders for ``png_bytes``; a gradient-norm (zero-fraction) plot
+    only when its experiments recorded grad norms (ReLU zero fractions).
 
     ``curves`` holds each experiment's replica histories (member 0 of each, replica 0
     first); the learning rate is replica 0's (a plateau's drops differ by seed). The
@@ -203,6 +230,10 @@ def report_figures(
         "val_loss": lambda: val_loss_figure(curves),
         "lr": lambda: lr_figure(first),
     }
+    # the MLPs' ReLUs (the resnets' 19 would crowd them; their table covers them)
+    shallow = {n: h for n, h in curves.items() if n not in deep}
+    if any(_layers(histories[0], ZERO_PREFIX) for histories in shallow.values()):
+        figures["zero_fraction"] = functools.partial(zero_fraction_figure, shallow)
     by_depth = {
         "grad_norms": {n: h for n, h in curves.items() if n not in deep},
         "deep_grad_norms": {n: h for n, h in curves.items() if n in deep},

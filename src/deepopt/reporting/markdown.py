@@ -261,6 +261,7 @@ def render_markdown(
     plot_files: Mapping[str, str],
     deep: Sequence[DeepRow] = (),
     claims: Sequence[ClaimRow] = (),
+    lr_find: Sequence[str] = (),
 ) -> str:
     """The whole of reports/lecture.md (pure: same inputs, same text).
 
@@ -268,7 +269,8 @@ def render_markdown(
     lecture's MNIST test accuracy for the same setting (``LECTURE``), then the claims
     table (``claims``: ``reporting.claims.evaluate_claims``); the resnet
     experiments (plain_20, resnet_20: the same 20 layers without and with skips) also get
-    the "Going deeper" table and their own gradient-norm plot.
+    the "Going deeper" table and their own gradient-norm plot. ``lr_find`` is the
+    learning-rate section's lines (``reporting.lr_find.lr_find_lines``), last.
     """
     lecture_header = "lecture" if dataset == LECTURE_DATASET else "lecture (MNIST)"
     lines = [
@@ -307,6 +309,14 @@ def render_markdown(
         f"![learning rate against epoch]({plot_files['lr']})",
         "",
     ]
+    if "zero_fraction" in plot_files:
+        lines += [
+            "Fraction of exactly-zero ReLU outputs of each layer in the first and the last "
+            "epoch (the lecture's sparsity):",
+            "",
+            f"![fraction of zero ReLU outputs by layer]({plot_files['zero_fraction']})",
+            "",
+        ]
     if "grad_norms" in plot_files:
         lines += [
             "Mean gradient norm of each layer's weights in the first and the last epoch "
@@ -323,4 +333,5 @@ def render_markdown(
         ]
     if deep:
         lines += _deep_section(deep, plot_files.get("deep_grad_norms"))
+    lines += lr_find
     return "\n".join(lines)

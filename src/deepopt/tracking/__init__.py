@@ -1,9 +1,10 @@
 """deepopt's only MLflow code: the store (``store``), runs by explicit id (``runs``), what a
-run records (``log``), its provenance tags (``provenance``) and the machine's system metrics
-(``system``); stages call it, training never."""
+run records (``log``), its provenance tags (``provenance``), the machine's system metrics
+(``system``) and the figures stage's run (``figures``); stages call it, training never."""
 
 from __future__ import annotations
 
+from deepopt.tracking.figures import FIGURES_ROLE, log_figures_run
 from deepopt.tracking.log import (
     flatten_params,
     log_artifact,
@@ -14,6 +15,7 @@ from deepopt.tracking.log import (
     log_metrics,
     log_model,
     log_params,
+    log_series,
     logged_epochs,
     set_tags,
 )
@@ -35,6 +37,7 @@ from deepopt.tracking.store import PROBE_TIMEOUT_S, configure
 from deepopt.tracking.system import system_metrics
 
 __all__ = [
+    "FIGURES_ROLE",
     "PROBE_TIMEOUT_S",
     "ROLE_TAG",
     "EndStatus",
@@ -51,9 +54,11 @@ __all__ = [
     "log_dict",
     "log_epoch",
     "log_figure",
+    "log_figures_run",
     "log_metrics",
     "log_model",
     "log_params",
+    "log_series",
     "logged_epochs",
     "run_exists",
     "run_status",

@@ -7,7 +7,7 @@ import functools
 import json
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -32,6 +32,7 @@ __all__ = [
     "log_metrics",
     "log_model",
     "log_params",
+    "log_series",
     "logged_epochs",
     "set_tags",
 ]
@@ -98,6 +99,25 @@ def log_metrics(run_id: str, metrics: Mapping[str, float], *, step: int = 0) -> 
     """Metrics at one step (e.g. test metrics of a finished run at step 0)."""
     now_ms = int(time.time() * 1000)
     batch = [Metric(key, float(value), now_ms, step) for key, value in metrics.items()]
+    client = _client()
+    for start in range(0, len(batch), _METRICS_PER_BATCH):
+        _call(
+            f"log metrics of run {run_id}",
+            functools.partial(
+                client.log_batch, run_id, metrics=batch[start : start + _METRICS_PER_BATCH]
+            ),
+        )
+
+
+def log_series(run_id: str, series: Mapping[str, Sequence[float]]) -> None:
+    """Whole curves at once: value ``i`` of each key at ``step=i`` (e.g. an LR range test's
+    rate and loss per batch), in MLflow's largest batches instead of a call per step."""
+    now_ms = int(time.time() * 1000)
+    batch = [
+        Metric(key, float(value), now_ms, step)
+        for key, values in series.items()
+        for step, value in enumerate(values)
+    ]
     client = _client()
     for start in range(0, len(batch), _METRICS_PER_BATCH):
         _call(

@@ -7,12 +7,12 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import deepopt
+from deepopt.gitstate import git_state
 
 if TYPE_CHECKING:
     import torch
@@ -22,7 +22,7 @@ __all__ = ["git_state", "pip_requirements", "run_tags"]
 
 def run_tags(
     *,
-    dataset: str,
+    dataset: str | None = None,
     meta: Mapping[str, Any] | None = None,
     seed: int | None = None,
     cwd: Path | None = None,
@@ -38,12 +38,9 @@ def run_tags(
     ``dvc exp run --temp`` copy is that copy, with the experiment's changes.
     """
     commit, dirty = git_state(cwd or Path.cwd())
-    tags = {
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "dataset": dataset,
-        **_library_versions(),
-    }
+    tags = {"git_commit": commit, "git_dirty": dirty, **_library_versions()}
+    if dataset is not None:  # None: a run that reads no data set (the lecture's figures)
+        tags["dataset"] = dataset
     if commit != "unknown":
         tags["mlflow.source.git.commit"] = commit
     if meta is not None:
@@ -68,24 +65,6 @@ def _library_versions() -> dict[str, str]:
     import torch
 
     return {"torch_version": torch.__version__, "deepopt_version": deepopt.__version__}
-
-
-def git_state(cwd: Path) -> tuple[str, str]:
-    """(commit, "true"/"false" for uncommitted changes to tracked files) of the checkout at
-    ``cwd``; ("unknown", "unknown") without git (the benchmark records the same)."""
-
-    def git(*args: str) -> str:
-        done = subprocess.run(
-            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
-        )
-        return done.stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown", "unknown"
-    return commit, "true" if dirty else "false"
 
 
 def pip_requirements() -> list[str]:

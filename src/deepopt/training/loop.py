@@ -14,6 +14,7 @@ come back in one sync at its end.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from deepopt.training.early_stopping import EarlyStopping
 from deepopt.training.memory import keep_freed_memory
 
 __all__ = [
+    "BatchCallback",
     "DataParallel",
     "FitResult",
     "LoopState",
@@ -43,6 +45,10 @@ __all__ = [
 ]
 
 StopReason = Literal["early_stop", "max_epochs", "diverged", "interrupted"]
+# Called after every training batch with (epoch, batches done, batches in the epoch, the
+# running mean loss of the epoch): the loss is a function because reading it syncs with the
+# device, so a progress bar reads it only when it shows it (deepopt.training.progress).
+BatchCallback = Callable[[int, int, int, Callable[[], float]], None]
 
 
 @dataclass
@@ -153,6 +159,7 @@ def fit(
     on_epoch_end: Callable[[LoopState], None] | None = None,
     parallel: DataParallel | None = None,
     device: torch.device | None = None,
+    on_batch: BatchCallback | None = None,
 ) -> FitResult:
     """Train ``model`` on normalized ``train`` = (images [N,C,H,W] float, labels [N] int64).
 
@@ -160,6 +167,7 @@ def fit(
     ``diagnostics`` grad_norm/<layer> and zero_fraction/<layer>) to the history, then calls
     ``on_epoch_end`` with the state to continue from. Exceptions from the callback
     (KeyboardInterrupt, Optuna's TrialPruned) propagate: the state they saw is consistent.
+    ``on_batch`` (a progress bar) sees every training batch; it changes no number.
 
     With ``parallel`` (one process of a torchrun job), ``batch_size`` is per process, the
     gradients are averaged by DistributedDataParallel and every record holds the metrics
@@ -206,6 +214,7 @@ def fit(
             forward=forward,
             parallel=parallel,
             scaler=scaler,
+            on_batch=None if on_batch is None else functools.partial(on_batch, epoch),
         )
         if not finite:
             stop_reason = "diverged"
@@ -300,6 +309,7 @@ def _train_one_epoch(
     forward: nn.Module,
     parallel: DataParallel | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    on_batch: Callable[[int, int, Callable[[], float]], None] | None = None,
 ) -> tuple[dict[str, float], bool]:
     """One pass over a fresh permutation; returns the epoch's metrics and finiteness.
 
@@ -318,6 +328,11 @@ def _train_one_epoch(
     correct = torch.zeros((), dtype=torch.long, device=device)
     measured = EpochDiagnostics(model) if diagnostics else None
     batches = 0
+    total = len(range(0, count, step))
+
+    def running_loss() -> float:  # this process's batches so far; one sync
+        return float(loss_sum / max(seen, 1))
+
     with measured.watching_activations() if measured is not None else nullcontext():
         for begin in range(0, count, step):
             interrupts.raise_if_swallowed()  # one Python dropped inside a finalizer
@@ -351,6 +366,8 @@ def _train_one_epoch(
             correct += (logits.detach().argmax(dim=1) == batch_labels).sum()
             batches += 1
             seen += len(index)
+            if on_batch is not None:
+                on_batch(batches, total, running_loss)
     if parallel is not None:
         totals = torch.tensor(seen, device=device)
         parallel.all_reduce_sum(loss_sum, correct, totals)

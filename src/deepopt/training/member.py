@@ -8,7 +8,6 @@ continued after a kill, so it ends with exactly the metrics of an uninterrupted 
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,8 @@ from deepopt.optim import build_optimizer, build_schedule
 from deepopt.training.checkpoint import checkpoint_file, resume_checkpoint, save_checkpoint
 from deepopt.training.distributed import ProcessGroup
 from deepopt.training.early_stopping import EarlyStopping
-from deepopt.training.loop import FitResult, LoopState, fit, steps_per_epoch
+from deepopt.training.loop import BatchCallback, FitResult, LoopState, fit, steps_per_epoch
+from deepopt.training.progress import epoch_bar, epoch_line
 from deepopt.training.seeds import Member
 
 __all__ = [
@@ -71,22 +71,6 @@ def normalized_splits(
         (train_x, train_y), (val_x, val_y) = tensors["train"], tensors["val"]
         tensors["train"] = (torch.cat([train_x, val_x]), torch.cat([train_y, val_y]))
     return tensors
-
-
-def _progress(label: str, epochs: int) -> Callable[[LoopState], None]:
-    """One plain line per epoch on stderr (a log under CI and DVC alike)."""
-
-    def report(state: LoopState) -> None:
-        r = state.history[-1]
-        print(
-            f"[{label}] epoch {state.epochs_done}/{epochs} loss {r['loss']:.4f} acc {r['acc']:.4f} "
-            f"val_loss {r['val_loss']:.4f} val_acc {r['val_acc']:.4f} lr {r['lr']:.3g} "
-            f"{r['seconds']:.2f}s",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    return report
 
 
 def train_tracked(
@@ -190,10 +174,24 @@ def train_tracked(
             if start is not None:
                 _relog_missing_epochs(run_id, start.history)
 
-            progress = _progress(f"{run_name} seed {member.seed}", config.train.epochs)
-            model, result = fit_member(
-                config, tensors, data_meta, member.seed, start, after_epoch, parallel, setup
-            )
+            label = f"{run_name} seed {member.seed}"
+            bar = epoch_bar(label, config.train.epochs)  # None unless stderr is a terminal
+            progress = epoch_line(label, config.train.epochs, bar)
+            try:
+                model, result = fit_member(
+                    config,
+                    tensors,
+                    data_meta,
+                    member.seed,
+                    start,
+                    after_epoch,
+                    parallel,
+                    setup,
+                    on_batch=bar,
+                )
+            finally:
+                if bar is not None:
+                    bar.close()
             if result.stop_reason == "diverged":
                 reason = f"loss became NaN/inf in epoch {result.epochs_run + 1}"
                 tracking.set_tags(run_id, {"stop_reason": "diverged"})
@@ -218,6 +216,7 @@ def fit_member(
     on_epoch_end: Callable[[LoopState], None] | None,
     parallel: ProcessGroup | None,
     setup: Callable[[nn.Module], list[dict[str, Any]]] | None = None,
+    on_batch: BatchCallback | None = None,
 ) -> tuple[nn.Module, FitResult]:
     """Build the member's network, optimizer and schedule and train it (every process of
     a torchrun job runs this with the same arguments, rank 0 with its callback). It trains
@@ -251,6 +250,7 @@ def fit_member(
         on_epoch_end=on_epoch_end,
         parallel=parallel,
         device=device,
+        on_batch=on_batch,
     )
     set_portable_layout(model)  # saved, logged and exported weights are NCHW
     return model, result

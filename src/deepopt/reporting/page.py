@@ -1,0 +1,154 @@
+"""The pieces of a self-contained HTML page (pure, but ``read_images``): escaped text and
+cells, tables, figures embedded as data: URIs, and the document around them with its
+inline CSS. No script and no external resource, so the page opens from disk, offline."""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from deepopt.errors import DataError
+from deepopt.reporting.reading import REPRO
+
+__all__ = [
+    "PNG_SIGNATURE",
+    "Image",
+    "bullets",
+    "code",
+    "document",
+    "figure",
+    "link",
+    "num",
+    "paragraph",
+    "read_images",
+    "table",
+    "td",
+    "text",
+]
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+_CSS = """
+body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 72em;
+  padding: 0 1em; color: #1b1b1b; background: #fff; }
+table { border-collapse: collapse; margin: 0.5em 0 1em; }
+th, td { border: 1px solid #c8c8c8; padding: 0.25em 0.5em; vertical-align: top; }
+th { background: #f0f0f0; text-align: left; }
+td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }
+td.supported { background: #e3f4e1; }
+td.contradicted { background: #fbe3e1; }
+figure { margin: 1em 0 2em; }
+figure img { max-width: 100%; height: auto; border: 1px solid #e0e0e0; }
+figcaption { color: #444; font-size: 0.95em; }
+code { font-size: 0.92em; background: #f5f5f5; padding: 0 0.2em; }
+.missing { color: #8a5a00; }
+"""
+
+_CODE_SPAN = re.compile(r"`([^`]+)`")
+
+
+@dataclass(frozen=True)
+class Image:
+    """A figure for the page: its PNG bytes, or None when the file is not there."""
+
+    caption: str
+    source: str  # the file it was read from, shown beside it
+    png: bytes | None
+
+
+def read_images(catalog: Mapping[str, tuple[str, str]], folder: Path) -> list[Image]:
+    """The files of ``catalog`` (key -> (file name, caption)) in ``folder``, in catalog
+    order; a missing file is an Image without bytes (the page says it was not drawn), a
+    file that is not a PNG a DataError naming it."""
+    images = []
+    for file_name, caption in catalog.values():
+        path = folder / file_name
+        try:
+            png: bytes | None = path.read_bytes()
+        except FileNotFoundError:
+            png = None
+        if png is not None and not png.startswith(PNG_SIGNATURE):
+            raise DataError(f"{path}: is not a PNG file; {REPRO}")
+        images.append(Image(caption, str(path), png))
+    return images
+
+
+def text(plain: str) -> str:
+    """``plain`` escaped, its markdown `code` spans as <code> (notes lecture.md shares)."""
+    return _CODE_SPAN.sub(r"<code>\1</code>", html.escape(plain))
+
+
+def code(plain: str) -> str:
+    return f"<code>{html.escape(plain)}</code>"
+
+
+def link(url: str, content: str) -> str:
+    """A link to ``url`` around already-escaped ``content``."""
+    return f'<a href="{html.escape(url)}">{content}</a>'
+
+
+def td(content: str, css: str = "") -> str:
+    """A cell of already-escaped ``content``; ``css``: its class."""
+    return f'<td class="{css}">{content}</td>' if css else f"<td>{content}</td>"
+
+
+def num(plain: str) -> str:
+    """A right-aligned cell of a formatted number (or the missing mark)."""
+    return td(html.escape(plain), "num")
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A table of ``td`` cells under the (plain text) ``header``."""
+    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header)
+    body = "\n".join(f"<tr>{''.join(row)}</tr>" for row in rows)
+    return f"<table>\n<tr>{head}</tr>\n{body}\n</table>"
+
+
+def paragraph(plain: str) -> str:
+    return f"<p>{text(plain)}</p>"
+
+
+def bullets(items: Sequence[str]) -> str:
+    return "<ul>\n" + "\n".join(f"<li>{text(item)}</li>" for item in items) + "\n</ul>"
+
+
+def figure(image: Image) -> str:
+    """The image inline as a data: URI with its caption and file; a note when not drawn."""
+    caption = text(image.caption)
+    if image.png is None:
+        return (
+            f'<p class="missing">Not drawn: {code(image.source)} is missing '
+            f"(<code>dvc repro</code> draws it). {caption}</p>"
+        )
+    data = base64.b64encode(image.png).decode("ascii")
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(image.caption)}">'
+        f"<figcaption>{caption} {code(image.source)}</figcaption></figure>"
+    )
+
+
+def document(title: str, body: Sequence[str]) -> str:
+    """The page: ``body``'s already-escaped HTML under a head with the inline CSS."""
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en">',
+            "<head>",
+            '<meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            # no favicon request: from file:// it would fail and log a console error
+            '<link rel="icon" href="data:,">',
+            f"<title>{html.escape(title)}</title>",
+            f"<style>{_CSS}</style>",
+            "</head>",
+            "<body>",
+            *body,
+            "</body>",
+            "</html>",
+            "",
+        ]
+    )
