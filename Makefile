@@ -78,10 +78,12 @@ lint: $(STAMP)
 	$(BIN)/lint-imports --no-cache
 
 # The tests in PYTEST_WORKERS processes (pytest-xdist); PYTEST_WORKERS=0 runs them in this one.
+# worksteal: a worker that runs out of tests takes some of the other's (a few tests take
+# minutes, and load's up-front split can leave one worker idle at the end).
 PYTEST_WORKERS ?= 2
 
 test: setup lint postgresql chromium
-	$(BIN)/pytest -n $(PYTEST_WORKERS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist worksteal
 
 # The report as one page (make repro writes it): its path, and the desktop's browser on it.
 .PHONY: report-open

@@ -22,10 +22,17 @@ REPO = Path(__file__).resolve().parents[1]
 settings.register_profile("long", max_examples=3000, deadline=None)
 
 
+# The longest tests (minutes: a fresh clone's whole tiny pipeline) start first, so that
+# make test's two xdist workers do not end with one of them running it alone.
+LONGEST_FIRST = ("tests/system/test_readme.py",)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``cuda`` (tests/cuda/, benchmarks/gpu_check.sh) skip without a CUDA GPU."""
+    """The longest tests first, then the rest in their order; tests marked ``cuda``
+    (tests/cuda/, benchmarks/gpu_check.sh) skip without a CUDA GPU."""
     import torch
 
+    items.sort(key=lambda item: not item.nodeid.startswith(LONGEST_FIRST))  # stable
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False")
@@ -80,6 +87,7 @@ def tiny_params(base: dict[str, Any], **sections: dict[str, Any]) -> dict[str, A
     params["data"]["train_subset"] = TINY_SUBSET
     params["model"].update(conv_channels=[4, 8, 8], dense_units=16)
     params["train"].update(epochs=3, threads=1)
+    params["lr_find"] = {**params.get("lr_find", {}), "num_iter": 10}  # 100 batches: seconds
     params["experiments"] = {"small": {}}
     for section, values in sections.items():
         if isinstance(params.get(section), dict):
