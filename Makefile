@@ -82,8 +82,16 @@ lint: $(STAMP)
 # minutes, and load's up-front split can leave one worker idle at the end).
 PYTEST_WORKERS ?= 2
 
-test: setup lint postgresql chromium
+# lint (CPU) runs beside the system packages' apt-get (network, disk): they do not wait for
+# each other. The two apt-get installs stay one after the other (one dpkg lock).
+test: setup
+	$(MAKE) --no-print-directory -j2 lint system-packages
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist worksteal
+
+.PHONY: system-packages
+system-packages:
+	$(MAKE) --no-print-directory postgresql
+	$(MAKE) --no-print-directory chromium
 
 # The report as one page (make repro writes it): its path, and the desktop's browser on it.
 .PHONY: report-open
@@ -117,4 +125,5 @@ mlflow-server: $(STAMP)
 
 clean:
 	rm -rf data/prepared models metrics plots reports summary.json params checkpoints
+	rm -rf figures lr_find dvc_plots
 	rm -rf transfer/models transfer/metrics transfer/report.md transfer/accuracy_vs_size.png

@@ -127,7 +127,10 @@ def _varies(differences: np.ndarray) -> bool:
     """Whether a t test is defined: with n >= 2 differences that are not all equal. Constant
     differences have no variance, and scipy's t is then +-inf with p = 0 (or nan at zero):
     n equal values are no evidence of a population without spread, so deepopt gives no p."""
-    return differences.size >= 2 and bool(np.ptp(differences) > 0)
+    # Relative: accuracies are floats, and 0.95 - 0.90 != 0.90 - 0.85 in the last bit, where
+    # scipy's t would be ~1e15 and p ~1e-31.
+    scale = max(1.0, float(np.abs(differences).max())) if differences.size else 1.0
+    return differences.size >= 2 and bool(np.ptp(differences) > 1e-9 * scale)
 
 
 def _margin_note(margin: float) -> str:

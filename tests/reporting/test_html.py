@@ -320,6 +320,9 @@ def test_a_figure_file_that_is_not_a_png_is_a_data_error(tmp_path: Path) -> None
     (tmp_path / "a.png").write_text("<svg/>", encoding="utf-8")
     with pytest.raises(DataError, match=r"a\.png: is not a PNG"):
         reporting.read_images({"a": ("a.png", "caption")}, tmp_path)
+    (tmp_path / "b.png").mkdir()  # a folder where the figure should be: one line, no traceback
+    with pytest.raises(DataError, match=r"b\.png: cannot be read"):
+        reporting.read_images({"b": ("b.png", "caption")}, tmp_path)
 
 
 def test_image_without_bytes_renders_no_img_tag() -> None:

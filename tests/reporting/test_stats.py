@@ -147,5 +147,8 @@ def test_constant_differences_get_no_p_value() -> None:
     assert math.isnan(result.p_value)
     assert (result.difference.low, result.difference.high) == (1.0, 1.0)
     assert math.isnan(one_sample([0.7, 0.7, 0.7], 0.5, alternative="greater").p_value)
+    # equal up to the last bit of a float subtraction (0.95 - 0.90 vs 0.90 - 0.85): no p either
+    rounded = paired_difference([0.85, 0.90, 0.95], [0.80, 0.85, 0.90], alternative="greater")
+    assert math.isnan(rounded.p_value)
     judged = verdict(result.difference, p_holm=math.nan, p_two_sided_holm=math.nan, side="greater")
     assert judged == "inconclusive at n = 3"

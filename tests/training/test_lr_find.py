@@ -201,6 +201,8 @@ def test_the_suggestion_skips_the_first_tenth_and_the_last_five_points() -> None
     assert suggestion_index(losses, 100) == 10 + valley(kept)
     assert suggestion_index(losses[:15], 100) is None  # 15 points: nothing left after skipping
     assert suggestion_index(losses[:16], 100) == 10
+    # a curve that ended at a NaN: fastai recorded all 100 and drops its last 5, not ours
+    assert suggestion_index(losses[:40], 100, ended_non_finite=True) == 10 + valley(losses[10:40])
 
 
 def test_bad_arguments_are_refused() -> None:

@@ -67,6 +67,7 @@ LECTURE_FIGURES: dict[str, tuple[str, str]] = {
     ),
 }
 
-# The experiments of params.yaml whose runs.csv the measured figures read (dvc.yaml's
-# figures stage depends on exactly these files; tests/illustrations check the two agree).
+# The experiments of params.yaml whose runs.csv the measured figures read, when they ran
+# (dvc.yaml's figures stage depends on the plots/ folder: a file dep must exist, and a
+# params.yaml without these experiments must still run; tests/illustrations check it).
 MEASURED_EXPERIMENTS = ("vanishing_sigmoid", "vanishing_relu", "vanishing_relu_bn")

@@ -298,11 +298,13 @@ def _source_line(source: SourceState) -> str:
     commit = code(source.git_commit) + (f" ({dirty})" if dirty else "")
     if source.dvc_exp is None:
         return (
-            f"Built in the workspace at git commit {commit} (not inside <code>dvc exp run</code>)."
+            f"Last built in the workspace at git commit {commit} (not inside "
+            "<code>dvc exp run</code>; DVC rebuilds the page when the report's inputs change, "
+            "not on every commit)."
         )
     baseline = "" if source.dvc_baseline is None else f" from baseline {code(source.dvc_baseline)}"
     return (
-        f"Built by DVC experiment {code(source.dvc_exp)}{baseline}, git commit {commit}: "
+        f"Last built by DVC experiment {code(source.dvc_exp)}{baseline}, git commit {commit}: "
         f"<code>dvc exp show</code> lists it, <code>dvc exp apply {html.escape(source.dvc_exp)}"
         "</code> restores it."
     )

@@ -131,7 +131,7 @@ def learning_rate_note(rates: LearningRates) -> str:
         f"The LR range test (Smith 2017, as fastai's lr_find) trained `{rates.experiment}` "
         f"({rates.optimizer}, batch {rates.batch_size}) from its initial weights at rates "
         f"growing from {rates.start_lr:.3g} to {rates.end_lr:.3g} over {rates.num_iter} "
-        f"batches ({stopped}). Its suggestion lies about two thirds down the longest descent "
+        f"batches ({stopped}). Its suggestion lies about halfway along the longest descent "
         "of the smoothed loss: a starting rate for this optimizer, not a tuned one."
     )
     if rates.suggestion is None:

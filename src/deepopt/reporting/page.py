@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from deepopt.errors import DataError
+from deepopt.errors import DataError, one_line
 from deepopt.reporting.reading import REPRO
 
 __all__ = [
@@ -63,7 +63,7 @@ class Image:
 def read_images(catalog: Mapping[str, tuple[str, str]], folder: Path) -> list[Image]:
     """The files of ``catalog`` (key -> (file name, caption)) in ``folder``, in catalog
     order; a missing file is an Image without bytes (the page says it was not drawn), a
-    file that is not a PNG a DataError naming it."""
+    file that is not a PNG or cannot be read a DataError naming it."""
     images = []
     for file_name, caption in catalog.values():
         path = folder / file_name
@@ -71,6 +71,8 @@ def read_images(catalog: Mapping[str, tuple[str, str]], folder: Path) -> list[Im
             png: bytes | None = path.read_bytes()
         except FileNotFoundError:
             png = None
+        except OSError as err:  # a folder in its place, no permission: one line, no traceback
+            raise DataError(f"{path}: cannot be read ({one_line(err)}); {REPRO}") from None
         if png is not None and not png.startswith(PNG_SIGNATURE):
             raise DataError(f"{path}: is not a PNG file; {REPRO}")
         images.append(Image(caption, str(path), png))

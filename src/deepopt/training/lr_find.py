@@ -17,8 +17,8 @@ the smoothing is fastai/learner.py's ``AvgSmoothLoss``, which its ``Recorder`` r
   the way along it (ESRI's "valley" rule, fastai's default ``SuggestionMethod.Valley``).
 
 Where this differs: a non-finite loss ends the test at once and is not recorded (fastai
-records NaN and trains on, then drops the curve from its first NaN before suggesting: the
-same points reach ``valley``); fastai's ``num_it < 6`` is raised to 6, here the config
+records NaN and trains on, then drops the curve from its first NaN before suggesting;
+``suggestion_index`` keeps the same points); fastai's ``num_it < 6`` is raised to 6, here the config
 refuses it; ``valley`` runs in O(n log n) instead of fastai's O(n^2) double loop (the same
 index: tests/training/test_lr_find.py checks it against fastai's loop), and its index is
 kept >= 0 (fastai's can be -1, its last point, when the longest stretch is the first two).
@@ -100,11 +100,18 @@ def valley(losses: Sequence[float]) -> int:
     return max(0, max_start + int(sections) + int(sections / 2))
 
 
-def suggestion_index(losses: Sequence[float], num_iter: int) -> int | None:
+def suggestion_index(
+    losses: Sequence[float], num_iter: int, *, ended_non_finite: bool = False
+) -> int | None:
     """The recorded batch fastai's ``lr_find`` suggests: ``valley`` of the points left
-    after skipping ``num_iter // 10`` at the start and 5 at the end; None if none are."""
+    after skipping ``num_iter // 10`` at the start and 5 at the end; None if none are.
+
+    fastai drops the last 5 of the points it recorded: all ``num_iter`` when a NaN came (it
+    records NaN and trains on, then cuts the curve at the first NaN), the points up to the
+    divergence otherwise; ``ended_non_finite`` says the curve here ended at a NaN/inf."""
     skip = num_iter // 10
-    kept = losses[skip : len(losses) - _SKIP_END]
+    recorded = num_iter if ended_non_finite else len(losses)
+    kept = losses[skip : min(len(losses), recorded - _SKIP_END)]
     return None if not kept else skip + valley(kept)
 
 
@@ -166,7 +173,7 @@ def lr_range_test(
         torch.set_rng_state(saved_rng)
         if saved_cuda_rng is not None:
             torch.cuda.set_rng_state(saved_cuda_rng, device)
-    step = suggestion_index(losses, num_iter)
+    step = suggestion_index(losses, num_iter, ended_non_finite=stop_reason == "non_finite")
     return RangeTest(
         lrs=lrs,
         losses=losses,
