@@ -18,7 +18,7 @@ from typing import Any
 from deepopt.paths import REPORT_DIR, REPORT_PLOTS
 from deepopt.reporting.claims import MEASURES, ClaimRow
 from deepopt.reporting.figures import BAND
-from deepopt.reporting.lecture import LECTURE, LECTURE_DATASET
+from deepopt.reporting.lecture import LECTURE_DATASET
 from deepopt.reporting.links import RunLinks, SourceState, dvc_stages, experiment_url, run_url
 from deepopt.reporting.lr_find import (
     LearningRates,
@@ -28,16 +28,16 @@ from deepopt.reporting.lr_find import (
 )
 from deepopt.reporting.markdown import (
     MISSING,
+    RESULTS_HEADER,
+    RESULTS_NUMERIC,
     _claim_text,
     _data_line,
     _difference,
-    _epochs,
     _experiments,
-    _lecture_acc,
     _reading_notes,
-    _stop_reasons,
     _value,
     difference_notes,
+    results_cells,
 )
 from deepopt.reporting.page import (
     Image,
@@ -80,33 +80,15 @@ _VERDICT_CLASSES = {"supported": "supported", "contradicted": "contradicted"}
 
 def _results(summaries: Sequence[Summary], dataset: str) -> list[str]:
     lecture = "lecture" if dataset == LECTURE_DATASET else "lecture (MNIST)"
-    header = [
-        "experiment",
-        "setting",
-        "n",
-        "test acc",
-        "best val acc",
-        "epochs run",
-        "stop reason",
-        "train s",
-        lecture,
-    ]
+    header = [*RESULTS_HEADER, lecture]
     rows = []
     for s in summaries:
-        lecture_figure = LECTURE.get(s.name)
-        rows.append(
-            [
-                td(code(s.name)),
-                td(html.escape(lecture_figure.setting if lecture_figure else MISSING)),
-                num(str(s.replicas)),
-                num(_value(s.test_acc, 4)),
-                num(_value(s.best_val_acc, 4)),
-                num(_epochs(s.epochs_run)),
-                td(html.escape(_stop_reasons(s.stop_reasons))),
-                num(_value(s.train_seconds, 1)),
-                num(_lecture_acc(s.name)),
-            ]
-        )
+        name, *rest = results_cells(s)
+        cells = [
+            num(c) if numeric else td(html.escape(c))
+            for c, numeric in zip(rest, RESULTS_NUMERIC[1:], strict=True)
+        ]
+        rows.append([td(code(name)), *cells])
     lines = [
         "<h2>Results</h2>",
         paragraph(

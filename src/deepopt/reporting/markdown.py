@@ -95,36 +95,44 @@ def _escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+# The results table's columns before the lecture's (whose header names its data set), and
+# which of all the columns are numbers (right-aligned in both reports).
+RESULTS_HEADER = (
+    "experiment",
+    "setting",
+    "n",
+    "test acc",
+    "best val acc",
+    "epochs run",
+    "stop reason",
+    "train s",
+)
+RESULTS_NUMERIC = (False, False, True, True, True, True, False, True, True)
+
+
+def results_cells(s: Summary) -> list[str]:
+    """One results row as plain text (each renderer escapes and marks it up), shared by
+    lecture.md and index.html so the two never disagree on a number."""
+    figure = LECTURE.get(s.name)
+    return [
+        s.name,
+        figure.setting if figure else MISSING,
+        str(s.replicas),
+        _value(s.test_acc, 4),
+        _value(s.best_val_acc, 4),
+        _epochs(s.epochs_run),
+        _stop_reasons(s.stop_reasons),
+        _value(s.train_seconds, 1),
+        _lecture_acc(s.name),
+    ]
+
+
 def _table(summaries: Sequence[Summary], lecture_header: str) -> list[str]:
-    header = [
-        "experiment",
-        "setting",
-        "n",
-        "test acc",
-        "best val acc",
-        "epochs run",
-        "stop reason",
-        "train s",
-        lecture_header,
-    ]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|---|---|---:|---:|---:|---:|---|---:|---:|",
-    ]
+    align = "|".join("---:" if numeric else "---" for numeric in RESULTS_NUMERIC)
+    lines = ["| " + " | ".join([*RESULTS_HEADER, lecture_header]) + " |", f"|{align}|"]
     for s in summaries:
-        figure = LECTURE.get(s.name)
-        cells = [
-            f"`{s.name}`",
-            _escape(figure.setting) if figure else MISSING,
-            str(s.replicas),
-            _value(s.test_acc, 4),
-            _value(s.best_val_acc, 4),
-            _epochs(s.epochs_run),
-            _stop_reasons(s.stop_reasons),
-            _value(s.train_seconds, 1),
-            _lecture_acc(s.name),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+        name, setting, *rest = results_cells(s)
+        lines.append("| " + " | ".join([f"`{name}`", _escape(setting), *rest]) + " |")
     return lines
 
 

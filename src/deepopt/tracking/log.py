@@ -98,7 +98,11 @@ def log_epoch(run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
 def log_metrics(run_id: str, metrics: Mapping[str, float], *, step: int = 0) -> None:
     """Metrics at one step (e.g. test metrics of a finished run at step 0)."""
     now_ms = int(time.time() * 1000)
-    batch = [Metric(key, float(value), now_ms, step) for key, value in metrics.items()]
+    _send_metrics(run_id, [Metric(key, float(v), now_ms, step) for key, v in metrics.items()])
+
+
+def _send_metrics(run_id: str, batch: Sequence[Metric]) -> None:
+    """``batch`` in MLflow's largest log_batch calls (each retried as every call here)."""
     client = _client()
     for start in range(0, len(batch), _METRICS_PER_BATCH):
         _call(
@@ -118,14 +122,7 @@ def log_series(run_id: str, series: Mapping[str, Sequence[float]]) -> None:
         for key, values in series.items()
         for step, value in enumerate(values)
     ]
-    client = _client()
-    for start in range(0, len(batch), _METRICS_PER_BATCH):
-        _call(
-            f"log metrics of run {run_id}",
-            functools.partial(
-                client.log_batch, run_id, metrics=batch[start : start + _METRICS_PER_BATCH]
-            ),
-        )
+    _send_metrics(run_id, batch)
 
 
 def logged_epochs(run_id: str, key: str) -> set[int]:
