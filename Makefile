@@ -65,11 +65,13 @@ chromium:
 repro: setup
 	$(BIN)/dvc repro
 
-# Also the transfer-learning pipeline (transfer/dvc.yaml: pretrain, finetune), which does
-# not fit `make repro`'s time budget; it writes transfer/report.md.
+# Also the transfer-learning pipeline (transfer/dvc.yaml: pretrain, finetune) and the
+# optimizer comparison (compare/dvc.yaml), which do not fit `make repro`'s time budget; they
+# write transfer/report.md and compare/report.md.
 .PHONY: repro-full
 repro-full: repro
 	$(BIN)/dvc repro transfer/dvc.yaml
+	$(BIN)/dvc repro compare/dvc.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
@@ -127,3 +129,5 @@ clean:
 	rm -rf data/prepared models metrics plots reports summary.json params checkpoints
 	rm -rf figures lr_find dvc_plots
 	rm -rf transfer/models transfer/metrics transfer/report.md transfer/accuracy_vs_size.png
+	rm -rf compare/runs compare/best compare/studies.json compare/report.md compare/profile.png
+	rm -f compare/metrics.json

@@ -81,7 +81,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage(
         sub, "finetune", "fine-tune the pretrained network on transfer.target; transfer/report.md"
     )
+    _add_compare(sub)
     return parser
+
+
+def _add_compare(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The compare pipeline's stages (compare/dvc.yaml): which optimizer, tuned fairly."""
+    seeds = _add_stage(
+        sub, "compare-seeds", "every compared optimizer over compare.seeds seeds, tested"
+    )
+    seeds.set_defaults(stage="compare_seeds")
+    seeds.add_argument(
+        "--settings",
+        choices=("default", "tuned"),
+        default="default",
+        help="the Keras defaults, or each study's best trial (default: default)",
+    )
+    tune = _add_stage(
+        sub, "compare-tune", "one Optuna study per compared optimizer, compare.budget trials each"
+    )
+    tune.set_defaults(stage="compare_tune")
+    report = _add_stage(
+        sub, "compare-report", "compare/report.md: default vs tuned, vs the best, the verdict"
+    )
+    report.set_defaults(stage="compare_report")
 
 
 def _add_tune(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "check_writable",
     "exclusive",
     "load_torch",
+    "read_json",
     "sqlite_file_tables",
     "write_bytes",
     "write_json",
@@ -148,6 +149,29 @@ def write_text(target: str | Path, text: str) -> None:
 def write_json(target: str | Path, data: Any) -> None:
     """Pretty, key-sorted JSON (stable bytes for the same data) with a final newline."""
     write_text(target, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number"}
+
+
+def read_json(path: Path, rerun: str, writer: str = "") -> dict[str, Any]:
+    """The JSON object a stage wrote at ``path``; a one-line DataError saying what is wrong
+    and ``rerun`` (what to run) when it is missing, empty, unreadable or not an object.
+    ``writer`` (" (the train stage writes it)") follows the missing and empty messages."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        if not text.strip():
+            raise DataError(f"{path}: the file is empty; {rerun}{writer}")
+        data = json.loads(text)
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing: {rerun}{writer}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: cannot be read as JSON ({one_line(err)}); {rerun}") from None
+    if not isinstance(data, dict):
+        kind = _JSON_KINDS.get(type(data), type(data).__name__)
+        raise DataError(f"{path}: expected a JSON object, got {kind}; {rerun}")
+    return data
 
 
 def write_torch(target: str | Path, obj: Any) -> None:

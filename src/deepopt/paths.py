@@ -27,6 +27,11 @@ __all__ = [
     "BASE_EXPERIMENT",
     "BEST_EXPERIMENT",
     "BEST_PARAMS",
+    "COMPARE_DIR",
+    "COMPARE_METRICS",
+    "COMPARE_PROFILE_PLOT",
+    "COMPARE_REPORT",
+    "COMPARE_STUDIES",
     "FIGURES_DIR",
     "LR_FIND_DIR",
     "PARAMS_FILE",
@@ -41,6 +46,9 @@ __all__ = [
     "check_output",
     "checkpoint_dir",
     "checkpoint_lock",
+    "compare_best_path",
+    "compare_checkpoint_dir",
+    "compare_runs_path",
     "eval_metrics_path",
     "history_path",
     "lr_find_curve_path",
@@ -88,6 +96,12 @@ LR_FIND_DIR = Path("lr_find")
 # The transfer pipeline (transfer/dvc.yaml) keeps all its outputs here, apart from the
 # main pipeline's metrics/ and plots/, which the report stage depends on as folders.
 TRANSFER_DIR = Path("transfer")
+# The compare pipeline (compare/dvc.yaml): which optimizer, each tuned with the same budget.
+COMPARE_DIR = Path("compare")
+COMPARE_STUDIES = COMPARE_DIR / "studies.json"  # each study's counts, cost and best trial
+COMPARE_REPORT = COMPARE_DIR / "report.md"
+COMPARE_PROFILE_PLOT = COMPARE_DIR / "profile.png"  # seeds at the target by epoch
+COMPARE_METRICS = COMPARE_DIR / "metrics.json"  # dvc metrics: mean test accuracies
 
 
 def prepared_split_path(split: str) -> Path:
@@ -255,3 +269,18 @@ def transfer_plot_path() -> Path:
 def transfer_checkpoint_dir(root: str | Path, stage: str) -> Path:
     """Checkpoints of the transfer stages, beside the experiments' (never a DVC out)."""
     return _inside(allow_outputs_under(root), "transfer", stage)
+
+
+def compare_runs_path(settings: str) -> Path:
+    """compare/runs/{default,tuned}.json: every optimizer's seeds at those settings."""
+    return COMPARE_DIR / "runs" / f"{settings}.json"
+
+
+def compare_best_path(optimizer: str) -> Path:
+    """compare/best/<optimizer>.yaml: its study's best trial, as overrides of its defaults."""
+    return COMPARE_DIR / "best" / f"{optimizer}.yaml"
+
+
+def compare_checkpoint_dir(root: str | Path, name: str) -> Path:
+    """Checkpoints of the compare pipeline's seeds, beside the experiments' (never an out)."""
+    return _inside(allow_outputs_under(root), "compare", name)

@@ -98,13 +98,16 @@ def _lookup(tree: Any, dotted: str) -> bool:
     return True
 
 
+PIPELINES = (REPO / "dvc.yaml", REPO / "transfer" / "dvc.yaml", REPO / "compare" / "dvc.yaml")
+
+
 def test_every_param_a_stage_declares_is_in_params_yaml() -> None:
     # DVC refuses to run a stage whose declared param is missing from params.yaml ("are
     # missing from 'params.yaml'"), even when deepopt's config has a default for it.
     with open(REPO / "params.yaml", encoding="utf-8") as handle:
         raw = yaml.safe_load(handle)
     missing: list[str] = []
-    for dvc_file in (REPO / "dvc.yaml", REPO / "transfer" / "dvc.yaml"):
+    for dvc_file in PIPELINES:
         with open(dvc_file, encoding="utf-8") as handle:
             stages = yaml.safe_load(handle)["stages"]
         for stage_name, stage in stages.items():
@@ -128,7 +131,6 @@ def test_dvc_parses_yaml_with_ruamels_c_loader() -> None:
 
 
 PACKAGE = REPO / "src" / "deepopt"
-PIPELINES = (REPO / "dvc.yaml", REPO / "transfer" / "dvc.yaml")
 
 
 def _stage_module(command: str) -> str:

@@ -71,6 +71,9 @@ NOT_RUN = {
     "deepopt tune --n-trials 50": "50 trials take minutes even on tiny data; deepopt tune "
     "itself runs as the tune stage",
     "optuna-dashboard sqlite:///optuna.db": "a server that runs until stopped",
+    "optuna-dashboard sqlite:///compare/optuna.db": "a server that runs until stopped",
+    "dvc repro compare/dvc.yaml": "seven studies and 70 seeds, about 45 minutes; "
+    "tests/compare/test_compare_pipeline.py runs it on tiny data with two optimizers",
     "python benchmarks/bench_train.py": "a 12-minute measurement; tests/system/test_bench.py "
     "runs the script on tiny data",
     "python benchmarks/bench_train.py --quick": "a minute of timed epochs on the real data; "

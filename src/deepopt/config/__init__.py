@@ -3,6 +3,7 @@ section (run, tune, transfer) is the single source of defaults; problems are one
 
 from __future__ import annotations
 
+from deepopt.config.compare import KERAS_DEFAULTS, CompareConfig, CompareSpace
 from deepopt.config.loading import load_overrides, load_params, parse_params, resolve_run
 from deepopt.config.lr_find import LrFindConfig
 from deepopt.config.names import (
@@ -16,6 +17,7 @@ from deepopt.config.params import (
     Params,
     apply_overrides,
     config_hash,
+    resolve_compare,
     resolve_experiment,
     resolve_transfer,
 )
@@ -55,6 +57,7 @@ from deepopt.config.tune import (
 __all__ = [
     "DATASET_NAMES",
     "DEVICE_CHOICES",
+    "KERAS_DEFAULTS",
     "MODEL_NAMES",
     "NAME_RULE",
     "OPTIMIZER_KNOBS",
@@ -64,6 +67,8 @@ __all__ = [
     "STORAGE_SCHEMES",
     "TORCHVISION_PREFIX",
     "TRANSFER_MODES",
+    "CompareConfig",
+    "CompareSpace",
     "DataConfig",
     "EarlyStopConfig",
     "LrFindConfig",
@@ -91,6 +96,7 @@ __all__ = [
     "load_params",
     "parse_params",
     "resnet_blocks",
+    "resolve_compare",
     "resolve_experiment",
     "resolve_run",
     "resolve_transfer",

@@ -35,7 +35,7 @@ NAME_RULE = f"{NAME_PATTERN}, at most {MAX_NAME_LENGTH} characters, without '..'
 _NAME = re.compile(NAME_PATTERN)
 # checkpoints/<experiment>/ sits beside checkpoints/tune/ and checkpoints/transfer/, where
 # the tune and transfer stages keep their own checkpoints: experiments cannot take them.
-RESERVED_EXPERIMENTS = ("tune", "transfer")
+RESERVED_EXPERIMENTS = ("tune", "transfer", "compare")
 # Study names deepopt derives: <experiment>-<10 hex digits> (deepopt.tuning.space).
 DERIVED_SUFFIX = len("-0123456789")
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from deepopt.config.compare import KERAS_DEFAULTS, CompareConfig
 from deepopt.config.limits import MAX_FINETUNE_IMAGES
 from deepopt.config.lr_find import LrFindConfig
 from deepopt.config.messages import format_validation_error
@@ -29,6 +30,7 @@ __all__ = [
     "Params",
     "apply_overrides",
     "config_hash",
+    "resolve_compare",
     "resolve_experiment",
     "resolve_transfer",
 ]
@@ -44,6 +46,8 @@ class Params(RunConfig):
     transfer: TransferConfig = TransferConfig()
     # `deepopt lr-find`: the learning-rate range test (fastai's defaults).
     lr_find: LrFindConfig = LrFindConfig()
+    # compare/dvc.yaml: every optimizer at its defaults and tuned with the same budget.
+    compare: CompareConfig = CompareConfig()
 
     @field_validator("experiments", mode="before")
     @classmethod
@@ -69,12 +73,16 @@ class Params(RunConfig):
     def _experiments_resolve(self) -> Params:
         for name in self.experiments:
             resolve_experiment(self, name)
-        if self.tune.experiment is not None and self.tune.experiment not in self.experiments:
-            known = ", ".join(sorted(self.experiments)) or "none defined"
-            raise ValueError(
-                f"tune.experiment: '{self.tune.experiment}' is not in experiments ({known}); "
-                "use null for the base config"
-            )
+        for key in ("tune", "compare"):
+            chosen = getattr(self, key).experiment
+            if chosen is not None and chosen not in self.experiments:
+                known = ", ".join(sorted(self.experiments)) or "none defined"
+                raise ValueError(
+                    f"{key}.experiment: '{chosen}' is not in experiments ({known}); "
+                    "use null for the base config"
+                )
+        for optimizer in self.compare.optimizers:
+            resolve_compare(self, optimizer)
         return self
 
     def base_run(self) -> RunConfig:
@@ -123,6 +131,22 @@ def resolve_experiment(params: Params, name: str | None) -> RunConfig:
 def resolve_transfer(params: Params) -> RunConfig:
     """The run config of the transfer stages: the base config with transfer.overrides."""
     return apply_overrides(params.base_run(), params.transfer.overrides, "transfer.overrides")
+
+
+def resolve_compare(params: Params, optimizer: str) -> RunConfig:
+    """The run config of ``optimizer``'s default runs in the compare pipeline: the network,
+    data and training of compare.experiment (null: the base config) with the optimizer at
+    KERAS_DEFAULTS and a constant rate, at most compare.epochs epochs, fitted on the train
+    split (the trials' and the tuned runs' too), one network per seed, logged to
+    compare.mlflow_experiment. The studies search from here."""
+    compare = params.compare
+    changes = {
+        "optim": {"name": optimizer, **KERAS_DEFAULTS[optimizer]},
+        "schedule": {"name": "constant"},
+        "train": {"epochs": compare.epochs, "fit_on": "train", "ensemble": 1},
+        "mlflow": {"experiment": compare.mlflow_experiment},
+    }
+    return apply_overrides(resolve_experiment(params, compare.experiment), changes, "compare")
 
 
 def apply_overrides(config: RunConfig, overrides: dict[str, Any], prefix: str = "") -> RunConfig:

@@ -143,6 +143,11 @@ class TuneSpace(Strict):
     nesterov: bool = True
     optimizer: list[OptimizerName] | None = Field(None, min_length=1)
     weight_decay: SearchRange | None = None
+    # Searched when the drawn optimizer takes them: rmsprop's rho, adam/adamw's betas (one of
+    # the two betas searched alone keeps the other's default, config.knobs').
+    rho: SearchRange | None = None
+    beta1: SearchRange | None = None
+    beta2: SearchRange | None = None
     # schedule name -> its knobs to search ({} = the knobs' defaults); null = keep schedule.*.
     schedule: dict[str, dict[str, SearchRange]] | None = Field(
         default_factory=lambda: {
@@ -174,6 +179,15 @@ class TuneSpace(Strict):
             _check_range(
                 f"{where}.weight_decay", self.weight_decay, OptimConfig, "weight_decay", {}
             )
+        if self.rho is not None:
+            _check_range(f"{where}.rho", self.rho, OptimConfig, "rho", {"name": "rmsprop"})
+        for key in ("beta1", "beta2"):
+            bounds = getattr(self, key)
+            if bounds is not None and not 0.0 <= bounds.low < bounds.high < 1.0:
+                raise ValueError(
+                    f"{where}.{key}: [{bounds.low:g}, {bounds.high:g}] must lie in [0, 1) "
+                    "with low < high"
+                )
         if self.optimizer is not None and self.nesterov:
             raise ValueError(
                 f"{where}.nesterov: set it to false when {where}.optimizer is searched "

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 from deepopt import paths
 from deepopt.config import Params
 from deepopt.errors import DataError, one_line
+from deepopt.files import read_json
 from deepopt.paths import BASE_EXPERIMENT, BEST_EXPERIMENT
 
 __all__ = [
@@ -75,7 +75,6 @@ class ExperimentResult:
 
 
 REPRO = "run `dvc repro`"  # reruns the stage whose output was damaged or lost
-_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number"}
 
 
 def _missing(path: Path, writer: str) -> DataError:
@@ -83,20 +82,7 @@ def _missing(path: Path, writer: str) -> DataError:
 
 
 def _read_json(path: Path, writer: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-        if not text.strip():
-            raise DataError(f"{path}: the file is empty; {REPRO} (the {writer} stage writes it)")
-        data = json.loads(text)
-    except FileNotFoundError:
-        raise _missing(path, writer) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: cannot be read as JSON ({one_line(err)}); {REPRO}") from None
-    if not isinstance(data, dict):
-        kind = _JSON_KINDS.get(type(data), type(data).__name__)
-        raise DataError(f"{path}: expected a JSON object, got {kind}; {REPRO}")
-    return data
+    return read_json(path, REPRO, f" (the {writer} stage writes it)")
 
 
 def _cell(text: str | None) -> float:

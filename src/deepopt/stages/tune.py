@@ -3,25 +3,12 @@ params/best.yaml (see deepopt.tuning)."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from deepopt.config import Params, check_name
 from deepopt.config.limits import MAX_TRIALS
 from deepopt.errors import ConfigError
-from deepopt.tuning import (
-    announce,
-    count_trials,
-    finish_session,
-    log_best,
-    open_tuning,
-    orphan_check,
-    parse_storage_url,
-    requeue_orphans,
-    run_trials_here,
-    run_workers,
-    session_run,
-)
+from deepopt.tuning import parse_storage_url, tune_study
 
 __all__ = ["main"]
 
@@ -49,38 +36,14 @@ def main(
     url = parse_storage_url(
         storage or params.tune.storage, "--storage" if storage else "tune.storage"
     )
-    tuning = open_tuning(
-        params, url, study_name=study_name, worker=worker, worker_index=worker_index
+    return tune_study(
+        params,
+        url,
+        n_trials=total,
+        study_name=study_name,
+        worker=worker,
+        parent_run=parent_run,
+        worker_index=worker_index,
+        threads=threads,
+        session_pid=session_pid,
     )
-    orphaned = orphan_check(session_pid)
-
-    def run_here(parent_run_id: str) -> int:
-        return run_trials_here(
-            tuning, parent_run_id, n_trials=total, threads=threads, orphaned=orphaned
-        )
-
-    if worker and parent_run:  # started by a session, inside its parent run
-        ran = run_here(parent_run)
-        return {"stage": "tune", "study": tuning.name, "worker": worker_index, "trials_run": ran}
-    if not worker:
-        requeue_orphans(tuning)
-    before = announce(tuning, total)
-    tic = time.perf_counter()
-    with session_run(tuning, worker) as run_id:
-        if worker or params.tune.workers == 1:
-            ran = run_here(run_id)
-        else:
-            run_workers(
-                params,
-                study=tuning.name,
-                storage=url.url,
-                n_trials=total,
-                parent_run=run_id,
-                folder=tuning.checkpoint_root,
-            )
-            ran = sum(count_trials(tuning.study).values()) - sum(before.values())
-        seconds = round(time.perf_counter() - tic, 1)
-        summary = finish_session(tuning, run_id, ran=ran, seconds=seconds)
-        if worker:
-            return summary
-        return {**summary, **log_best(tuning, run_id)}

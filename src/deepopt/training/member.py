@@ -20,12 +20,20 @@ from deepopt import files, paths, tracking
 from deepopt.config import RunConfig
 from deepopt.data import PreparedData, normalize
 from deepopt.errors import DivergedError
+from deepopt.metrics import loss_and_accuracy
 from deepopt.models import build_model, set_portable_layout, set_training_layout
 from deepopt.optim import build_optimizer, build_schedule
 from deepopt.training.checkpoint import checkpoint_file, resume_checkpoint, save_checkpoint
 from deepopt.training.distributed import ProcessGroup
 from deepopt.training.early_stopping import EarlyStopping
-from deepopt.training.loop import BatchCallback, FitResult, LoopState, fit, steps_per_epoch
+from deepopt.training.loop import (
+    BatchCallback,
+    FitResult,
+    LoopState,
+    evaluate_logits,
+    fit,
+    steps_per_epoch,
+)
 from deepopt.training.progress import epoch_bar, epoch_line
 from deepopt.training.seeds import Member
 
@@ -34,6 +42,7 @@ __all__ = [
     "fit_member",
     "follow_member",
     "initial_model",
+    "log_test_metrics",
     "normalized_splits",
     "train_tracked",
 ]
@@ -71,6 +80,20 @@ def normalized_splits(
         (train_x, train_y), (val_x, val_y) = tensors["train"], tensors["val"]
         tensors["train"] = (torch.cat([train_x, val_x]), torch.cat([train_y, val_y]))
     return tensors
+
+
+def log_test_metrics(
+    result: MemberResult, config: RunConfig, test: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[float, float]:
+    """The trained network's loss and accuracy on the (normalized) ``test`` images, logged
+    to its run as test_loss and test_acc: for stages that test what they train."""
+    images, labels = test
+    logits = evaluate_logits(
+        result.model, images, config.train.eval_batch_size, config.train.precision
+    )
+    test_loss, test_acc = loss_and_accuracy(torch.log_softmax(logits, dim=1), labels)
+    tracking.log_metrics(result.run_id, {"test_acc": test_acc, "test_loss": test_loss})
+    return test_loss, test_acc
 
 
 def train_tracked(

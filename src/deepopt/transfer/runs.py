@@ -25,9 +25,7 @@ from deepopt.config import (
 from deepopt.data import file_sha256, image_shape
 from deepopt.errors import ConfigError, DataError
 from deepopt.files import UnreadableFileError, load_torch
-from deepopt.metrics import loss_and_accuracy
-from deepopt.training.loop import evaluate_logits
-from deepopt.training.member import MemberResult, train_tracked
+from deepopt.training.member import MemberResult, log_test_metrics, train_tracked
 from deepopt.training.seeds import Member
 from deepopt.transfer.freezing import load_backbone, param_groups
 from deepopt.transfer.tasks import (
@@ -82,17 +80,6 @@ def finetune_config(params: Params) -> RunConfig:
     return apply_overrides(resolve_transfer(params), changes, "transfer")
 
 
-def _test_metrics(result: MemberResult, config: RunConfig, test: Tensors) -> tuple[float, float]:
-    """The trained network's test loss and accuracy, logged to its run."""
-    test_images, test_labels = test
-    logits = evaluate_logits(
-        result.model, test_images, config.train.eval_batch_size, config.train.precision
-    )
-    test_loss, test_acc = loss_and_accuracy(torch.log_softmax(logits, dim=1), test_labels)
-    tracking.log_metrics(result.run_id, {"test_acc": test_acc, "test_loss": test_loss})
-    return test_loss, test_acc
-
-
 def pretrain_source(
     config: RunConfig,
     task: Task,
@@ -129,7 +116,7 @@ def pretrain_source(
         checkpoint_dir=checkpoints,
         tags=tags,
     )
-    test_loss, test_acc = _test_metrics(result, config, task_tensors(task.test, mean, std))
+    test_loss, test_acc = log_test_metrics(result, config, task_tensors(task.test, mean, std))
     history = result.fit.history
     pretrained = {
         "state_dict": result.model.state_dict(),
@@ -330,7 +317,7 @@ def finetune_target(
                     experiment_id=experiment_id,
                     checkpoints=checkpoints,
                 )
-                test_loss, test_acc = _test_metrics(result, config, test)
+                test_loss, test_acc = log_test_metrics(result, config, test)
                 history = result.fit.history
                 runs.append(
                     {

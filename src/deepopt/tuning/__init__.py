@@ -1,6 +1,7 @@
 """Hyperparameter tuning: an Optuna study over ``tune.space`` whose trials are tracked
 training runs, shared by worker processes and machines; its best trial -> params/best.yaml."""
 
+from deepopt.tuning.run import tune_study
 from deepopt.tuning.session import (
     Tuning,
     announce,
@@ -27,7 +28,7 @@ from deepopt.tuning.storage import (
     open_storage,
     parse_storage_url,
 )
-from deepopt.tuning.study import build_pruner, build_sampler, count_trials, open_study
+from deepopt.tuning.study import best_trial, build_pruner, build_sampler, count_trials, open_study
 from deepopt.tuning.trials import STATE_TAG, pruning_hook, run_trials
 from deepopt.tuning.workers import orphan_check, run_workers
 
@@ -38,6 +39,7 @@ __all__ = [
     "Tuning",
     "announce",
     "best_overrides",
+    "best_trial",
     "build_pruner",
     "build_sampler",
     "claim_lock",
@@ -61,4 +63,5 @@ __all__ = [
     "sample_overrides",
     "session_run",
     "trial_config",
+    "tune_study",
 ]

@@ -52,6 +52,10 @@ class Tuning:
     checkpoint_root: Path  # the trials' checkpoint folders and the claim lock file
     tags: dict[str, str]  # on every MLflow run of the session
     deadline: float | None  # time.monotonic() after which no trial starts
+    best_path: Path = BEST_PARAMS  # where the best trial's overrides go
+    # The best trial is the best of the first this many finished ones (None: of all): a
+    # study extended beyond a comparison's budget still compares at that budget.
+    best_within: int | None = None
 
     @property
     def lock_path(self) -> Path:
@@ -59,19 +63,28 @@ class Tuning:
 
 
 def open_tuning(
-    params: Params, url: StorageUrl, *, study_name: str | None, worker: bool, worker_index: int
+    params: Params,
+    url: StorageUrl,
+    *,
+    study_name: str | None,
+    worker: bool,
+    worker_index: int,
+    label: str | None = None,
+    best_path: Path = BEST_PARAMS,
+    best_within: int | None = None,
 ) -> Tuning:
     """Check the outputs can be written, open the storage, read the prepared data and
     create or resume the study: named ``study_name``, ``tune.study_name`` or derived
-    (a changed space, trial config or data starts a new study, an unchanged one resumes)."""
+    (a changed space, trial config or data starts a new study, an unchanged one resumes)
+    from ``label`` (default: tune.experiment or base)."""
     tune = params.tune
     base = resolve_experiment(params, tune.experiment)
     tune_dir = paths.checkpoint_dir(base.train.checkpoint_dir, "tune")
     # Before the study: it must not run for hours and then fail to write its result.
-    check_writable(*([] if worker else [BEST_PARAMS]), tune_dir / "claim.lock")
+    check_writable(*([] if worker else [best_path]), tune_dir / "claim.lock")
     data = load_prepared(base.data, base.seed)  # before the storage: it may create a file
     storage = open_storage(url, tune)
-    experiment = tune.experiment or BASE_EXPERIMENT
+    experiment = label or tune.experiment or BASE_EXPERIMENT
     start = trial_config(base, {}, tune)
     name = study_name or tune.study_name
     name = name or derive_study_name(experiment, tune.space, start, data.meta["digest"])
@@ -86,7 +99,18 @@ def open_tuning(
     }
     deadline = time.monotonic() + tune.timeout if tune.timeout else None
     return Tuning(
-        params, base, storage, name, study, data, experiment_id, tune_dir / name, tags, deadline
+        params,
+        base,
+        storage,
+        name,
+        study,
+        data,
+        experiment_id,
+        tune_dir / name,
+        tags,
+        deadline,
+        best_path,
+        best_within,
     )
 
 
@@ -198,18 +222,25 @@ def finish_session(tuning: Tuning, run_id: str, *, ran: int, seconds: float) -> 
 def log_best(tuning: Tuning, run_id: str) -> dict[str, Any]:
     """Write params/best.yaml and log the best trial and Optuna's plots into the parent run;
     the summary's best-trial fields."""
-    best, overrides = write_best(tuning.params, tuning.study, tuning.base, tuning.storage)
+    best, overrides = write_best(
+        tuning.params,
+        tuning.study,
+        tuning.base,
+        tuning.storage,
+        path=tuning.best_path,
+        within=tuning.best_within,
+    )
     assert best.value is not None  # a complete trial
     tracking.log_metrics(run_id, {"best_value": best.value})
     tracking.log_params(run_id, {"best": best.params})
     best_run = best.user_attrs.get("mlflow_run_id", "")
     tracking.set_tags(run_id, {"best_trial": str(best.number), "best_run_id": best_run})
-    tracking.log_artifact(run_id, BEST_PARAMS)
+    tracking.log_artifact(run_id, tuning.best_path)
     return {
         "plots": log_plots(run_id, tuning.study),
         "best_trial": best.number,
         "best_value": best.value,
         "best_params": best.params,
-        "best_yaml": str(BEST_PARAMS),
+        "best_yaml": str(tuning.best_path),
         "overrides": overrides,
     }

@@ -64,6 +64,16 @@ def sample_overrides(
         optim["momentum"] = _suggest(trial, "momentum", space.momentum, whole=False)
     if space.weight_decay is not None:
         optim["weight_decay"] = _suggest(trial, "weight_decay", space.weight_decay, whole=False)
+    knobs = OPTIMIZER_KNOBS[name]
+    if space.rho is not None and "rho" in knobs:
+        optim["rho"] = _suggest(trial, "rho", space.rho, whole=False)
+    if "betas" in knobs and (space.beta1 is not None or space.beta2 is not None):
+        betas = list(knobs["betas"])
+        for index, key in enumerate(("beta1", "beta2")):
+            bounds = getattr(space, key)
+            if bounds is not None:
+                betas[index] = _suggest(trial, key, bounds, whole=False)
+        optim["betas"] = betas
     overrides: dict[str, Any] = {"optim": optim}
     if space.schedule is not None:
         schedule = str(trial.suggest_categorical("schedule", list(space.schedule)))
@@ -167,10 +177,18 @@ def _comparable(config: RunConfig) -> dict[str, Any]:
     return resolved
 
 
+# Knobs the search space gained after studies existed: a space that does not search them
+# hashes as before, so those studies resume under their names.
+_LATER_KNOBS = ("rho", "beta1", "beta2")
+
+
 def derive_study_name(experiment: str, space: TuneSpace, start: RunConfig, data_digest: str) -> str:
     """<experiment>-<hash of the space, the trials' base config and the data>."""
+    searched = space.model_dump(mode="json")
+    for key in _LATER_KNOBS:  # unset, they leave the names of studies made before them
+        if searched[key] is None:
+            del searched[key]
     blob = json.dumps(
-        {"space": space.model_dump(mode="json"), "config": _comparable(start), "data": data_digest},
-        sort_keys=True,
+        {"space": searched, "config": _comparable(start), "data": data_digest}, sort_keys=True
     )
     return f"{experiment}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"

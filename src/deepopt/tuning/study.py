@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -21,9 +22,10 @@ from deepopt.files import write_text
 from deepopt.paths import BEST_PARAMS
 from deepopt.tuning.space import best_overrides, sample_overrides, trial_config
 from deepopt.tuning.storage import StudyStorage
-from deepopt.tuning.trials import STATE_TAG
+from deepopt.tuning.trials import FINISHED, STATE_TAG
 
 __all__ = [
+    "best_trial",
     "build_pruner",
     "build_sampler",
     "close_dead_runs",
@@ -155,18 +157,41 @@ def log_plots(run_id: str, study: optuna.Study) -> list[str]:
     return logged
 
 
+def best_trial(study: optuna.Study, within: int | None = None) -> FrozenTrial | None:
+    """The best complete trial, of the first ``within`` finished ones (by trial number)
+    with ``within``; None when there is none."""
+    finished = sorted(
+        study.get_trials(deepcopy=False, states=FINISHED), key=lambda trial: trial.number
+    )
+    counted = finished if within is None else finished[:within]
+    complete = [t for t in counted if t.state == TrialState.COMPLETE and t.value is not None]
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    best: FrozenTrial | None = None
+    for trial in complete:  # in number order: a tie keeps the earlier trial, as Optuna's
+        value, kept = float(trial.value or 0.0), float(best.value or 0.0) if best else 0.0
+        if best is None or (value > kept if maximize else value < kept):
+            best = trial
+    return best
+
+
 def write_best(
-    params: Params, study: optuna.Study, base: RunConfig, storage: StudyStorage
+    params: Params,
+    study: optuna.Study,
+    base: RunConfig,
+    storage: StudyStorage,
+    *,
+    path: Path = BEST_PARAMS,
+    within: int | None = None,
 ) -> tuple[FrozenTrial, dict[str, Any]]:
-    """params/best.yaml from the best complete trial (DeepoptError if there is none)."""
+    """``path`` (params/best.yaml) from the best complete trial (of the first ``within``
+    finished ones with ``within``); DeepoptError if there is none."""
     tune = params.tune
-    try:
-        best = study.best_trial
-    except ValueError:
+    best = best_trial(study, within)
+    if best is None:
         raise DeepoptError(
             f"study '{study.study_name}' has no complete trial ({count_trials(study)}); "
-            f"{BEST_PARAMS} not written"
-        ) from None
+            f"{path} not written"
+        )
     fixed = optuna.trial.FixedTrial(best.params, number=best.number)
     config = trial_config(base, sample_overrides(fixed, tune.space, base.optim.name), tune)
     epochs_run = int(best.user_attrs.get("epochs_run", tune.epochs))
@@ -179,5 +204,5 @@ def write_best(
         f"(tune.final_fit: {tune.final_fit}).\n"
     )
     body = yaml.safe_dump(overrides, sort_keys=False)
-    write_text(BEST_PARAMS, f"{header}{body}{TUNE_OVERRIDES_END}\n")  # the end: none cut short
+    write_text(path, f"{header}{body}{TUNE_OVERRIDES_END}\n")  # the end: none cut short
     return best, overrides
