@@ -126,6 +126,7 @@ def _add_tune(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tune.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     tune.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     tune.add_argument("--session-pid", type=int, help=argparse.SUPPRESS)
+    tune.add_argument("--label", help=argparse.SUPPRESS)  # compare-tune's study label
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:

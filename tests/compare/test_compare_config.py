@@ -9,7 +9,14 @@ import optuna
 import pytest
 
 from deepopt.compare.studies import study_params
-from deepopt.config import KERAS_DEFAULTS, RunConfig, TuneSpace, parse_params, resolve_compare
+from deepopt.config import (
+    KERAS_DEFAULTS,
+    RunConfig,
+    TuneSpace,
+    parse_params,
+    resolve_compare,
+    resolve_experiment,
+)
 from deepopt.errors import ConfigError
 from deepopt.tuning import derive_study_name, sample_overrides
 
@@ -47,6 +54,18 @@ def test_compare_experiment_sets_the_network(base_params: dict[str, Any]) -> Non
     config = resolve_compare(params, "sgd")
     # bn_adam's optimizer is replaced by the compared one; the rest of it stays.
     assert (config.optim.name, config.optim.lr, config.optim.betas) == ("sgd", 0.01, None)
+    # An experiment's L2 penalty is not part of any optimizer's defaults.
+    l2 = _params(base_params, experiment="nobn_l2")
+    assert l2.experiments["nobn_l2"]["optim"]["weight_decay"] > 0
+    assert resolve_compare(l2, "adam").optim.weight_decay == 0.0
+    assert resolve_compare(l2, "adamw").optim.weight_decay == 0.004
+    assert resolve_compare(l2, "adam").model == resolve_experiment(l2, "nobn_l2").model
+
+
+def test_a_study_session_has_no_deadline(base_params: dict[str, Any]) -> None:
+    # A session stopped by tune.timeout would leave one study short of the budget.
+    raw = {**base_params, "tune": {**base_params["tune"], "timeout": 60}}
+    assert study_params(parse_params(raw, "params.yaml"), "sgd").tune.timeout is None
 
 
 @pytest.mark.parametrize(

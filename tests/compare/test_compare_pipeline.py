@@ -116,10 +116,10 @@ def _check_outputs() -> None:
     tuned = _read(paths.compare_runs_path("tuned"))
     studies = _read(paths.COMPARE_STUDIES)
     assert set(default["optimizers"]) == set(tuned["optimizers"]) == {"sgd", "adam"}
-    assert default["seeds"] == tuned["seeds"] == [4487, 4488]
+    assert default["seeds"] == tuned["seeds"] == [4488, 4489]  # the trials train with 4487
     for runs in (default, tuned):
         for name, entry in runs["optimizers"].items():
-            assert [run["seed"] for run in entry["runs"]] == [4487, 4488]
+            assert [run["seed"] for run in entry["runs"]] == [4488, 4489]
             for run in entry["runs"]:
                 assert run["diverged"] or 0.0 <= run["test_acc"] <= 1.0
                 assert run["diverged"] or len(run["val_acc"]) == run["epochs_run"] <= 2
@@ -148,7 +148,7 @@ def _check_outputs() -> None:
         for settings in ("default", "tuned"):
             parent = by_name[f"{name} {settings}"]
             assert parent.data.metrics["n_seeds"] + parent.data.metrics["diverged_seeds"] == 2
-            for seed in (4487, 4488):
+            for seed in (4488, 4489):
                 child = by_name[f"{name} {settings} seed {seed}"]
                 assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     sessions = [run for run in runs if run.info.run_name.startswith("tune compare-")]
@@ -167,8 +167,18 @@ def test_budgets_are_checked_topped_up_and_flagged(
     assert cli.main(["compare-report"]) != 0
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and studies["sgd"]["study"] in error and "budget 3" in error
-    # The tune stage tops every study up to the budget (the same studies: one trial more).
+    # The tune stage tops every study up to the budget (the same studies: one trial more),
+    # here in two worker processes, which tag their trials' runs as the session does.
+    workspace(compare={**TINY_COMPARE, "budget": 3, "workers": 2}, mlflow={"log_model": False})
     _run("compare-tune")
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("deepopt-compare")
+    assert experiment is not None
+    trials = client.search_runs(
+        [experiment.experiment_id], "tags.optuna_trial = '2'", max_results=50
+    )
+    assert sorted(run.data.tags["experiment"] for run in trials) == ["compare-adam", "compare-sgd"]
+    workspace(compare={**TINY_COMPARE, "budget": 3}, mlflow={"log_model": False})
     topped = _read(paths.COMPARE_STUDIES)["studies"]
     for name in ("sgd", "adam"):
         assert topped[name]["study"] == studies[name]["study"]

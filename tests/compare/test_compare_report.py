@@ -17,6 +17,7 @@ from deepopt.compare.report import (
     gain_rows,
     profile_figure,
     render_report,
+    verdict_sentences,
     versus_best,
 )
 from deepopt.errors import DataError
@@ -170,11 +171,14 @@ def test_diverged_seeds_are_left_out_of_means_and_pairs() -> None:
     assert adam.gain.n == 4 and adam.gain.mean == pytest.approx(sum(ADAM_GAIN[1:]) / 4)
 
 
-def test_one_usable_seed_is_inconclusive_at_n_1() -> None:
+def test_one_usable_seed_is_inconclusive_at_n_1_and_does_not_crown_its_optimizer() -> None:
+    # adam: one finished seed at 0.95, four diverged. A diverged seed is the optimizer's
+    # failure: the best is the one whose every seed finished, though its mean is lower.
     tuned = {"sgd": [0.70, 0.71, 0.69, 0.72, 0.70], "adam": [0.95, None, None, None, None]}
-    best, (sgd,) = versus_best(_runs("tuned", tuned))
-    assert best == "adam"
-    assert sgd.verdict == "inconclusive at n = 1" and math.isnan(sgd.p_holm)
+    best, (adam,) = versus_best(_runs("tuned", tuned))
+    assert best == "sgd"
+    assert adam.difference.n == 1
+    assert adam.verdict == "inconclusive at n = 1" and math.isnan(adam.p_holm)
 
 
 # Tuned accuracies: adam far ahead of both others, seed by seed with some spread.
@@ -275,9 +279,10 @@ def test_the_report_shows_the_tables_cost_settings_and_statistics() -> None:
         "63",
         "lr 0.0023, betas 0.9/0.999, inverse_time decay 0.0004 |",
     ]
-    assert "## Against the best tuned optimizer: adam" in lines
-    # adam − sgd on the 4 seeds both finished: 0.063, 0.039, 0.072, 0.048 (sd 0.0148)
-    assert "| sgd | +0.0555 ± 0.0235 (n = 4) |" in report
+    # adam has the higher mean but a diverged seed: sgd, whose every seed finished, is the
+    # best; sgd − adam on the 4 seeds both finished: -(0.063, 0.039, 0.072, 0.048).
+    assert "## Against the best tuned optimizer: sgd" in lines
+    assert "| adam | -0.0555 ± 0.0235 (n = 4) |" in report
     assert "- adam: 1 of 5 tuned seeds diverged (left out of its mean and pairs)." in lines
     assert "![performance profile](profile.png)" in lines
     assert "95 % Student-t intervals" in report and "Holm-corrected" in report
@@ -395,3 +400,13 @@ def test_the_report_refuses_unequal_budgets_before_comparing() -> None:
             target_val_acc=0.85,
             profile_file="profile.png",
         )
+
+
+def test_an_optimizer_whose_tuned_seeds_all_diverged_is_named_as_not_compared() -> None:
+    default = _runs("default", {"sgd": BASE, "rmsprop": BASE, "adam": BASE})
+    tuned = _runs("tuned", {"sgd": _plus([0.06] * 5), "rmsprop": _plus(NOISE), "adam": [None] * 5})
+    gains = gain_rows(default, tuned)
+    best, versus = versus_best(tuned)
+    answer, tuning = verdict_sentences(best, versus, gains, seeds=5, budget=BUDGET)
+    assert answer.endswith("Not compared: adam (every tuned seed diverged).")
+    assert "not measured for adam (diverged)" in tuning

@@ -137,7 +137,10 @@ def versus_best(tuned: Runs) -> tuple[str, list[VersusRow]]:
     measured = [name for name in accs if not math.isnan(means[name])]
     if not measured:
         raise DataError("compare: every tuned run diverged; there is nothing to compare")
-    best = max(measured, key=lambda name: means[name])
+    # A diverged seed is a failure of its optimizer: the best is one whose every tuned seed
+    # finished, so one lucky seed among diverged ones does not crown an optimizer.
+    finished = [n for n in measured if len(accs[n]) == len(tuned["optimizers"][n]["runs"])]
+    best = max(finished or measured, key=lambda name: means[name])
     others = [name for name in accs if name != best]
     tests = [_test(accs[best], accs[name]) for name in others]
     p_holm, verdicts = _verdicts(tests)
@@ -273,16 +276,21 @@ def verdict_sentences(
                 f" On the seeds both finished it is behind {', '.join(behind)} (seeds "
                 "diverged: see the notes)."
             )
+    absent = [r.name for r in versus if r.verdict == "not run"]
+    if absent:
+        answer += f" Not compared: {', '.join(absent)} (every tuned seed diverged)."
     helped = [r.name for r in gains if r.verdict == "supported"]
     hurt = [r.name for r in gains if r.verdict == "contradicted"]
+    unmeasured = [r.name for r in gains if r.verdict == "not run"]
     tuning = (
         f"Tuning beat the Keras defaults for {len(helped)} of {len(gains)} optimizers "
         f"({', '.join(helped) or 'none'}; supported after Holm)"
     )
     tuning += f"; it was worse for {', '.join(hurt)}" if hurt else ""
+    tuning += f"; not measured for {', '.join(unmeasured)} (diverged)" if unmeasured else ""
     tuning += (
         "; for the rest the difference is inconclusive."
-        if len(helped) + len(hurt) < len(gains)
+        if len(helped) + len(hurt) + len(unmeasured) < len(gains)
         else "."
     )
     return [answer, tuning]

@@ -18,9 +18,16 @@ from deepopt.stats import interval_metrics
 from deepopt.training.member import log_test_metrics, train_tracked
 from deepopt.training.seeds import Member
 
-__all__ = ["compared_settings", "train_seeds"]
+__all__ = ["compared_seed", "compared_settings", "train_seeds"]
 
 Tensors = tuple[torch.Tensor, torch.Tensor]
+
+
+def compared_seed(seed: int, replica: int) -> int:
+    """Replica r's seed: seed + 1 + r. The studies' trials train with ``seed`` itself, so no
+    tuned run replays the very trial it was picked from (its validation score chosen as the
+    best of the budget would bias the tuned mean upwards)."""
+    return seed + 1 + replica
 
 
 def compared_settings(config: RunConfig) -> dict[str, Any]:
@@ -49,8 +56,8 @@ def train_seeds(
     checkpoint_dir: Path,
     tags: dict[str, str],
 ) -> dict[str, Any]:
-    """``seeds`` trainings of ``config`` (seed + r for replica r: the same data order and
-    initial weights as replica r of every other optimizer, so they pair by seed), each
+    """``seeds`` trainings of ``config`` (``compared_seed``: replica r gets the same data
+    order and initial weights as replica r of every other optimizer, so they pair by seed), each
     tested on ``test``; runs/<settings>.json's entry of ``optimizer``."""
     name = f"{optimizer} {settings}"
     key = f"compare-{optimizer}-{settings}-{config_hash(config, 16)}-{data_meta['digest'][:12]}"
@@ -61,7 +68,7 @@ def train_seeds(
     ) as parent:
         tracking.log_params(parent, config.model_dump(mode="json"))
         for replica in range(seeds):
-            member = Member(replica=replica, index=0, seed=config.seed + replica)
+            member = Member(replica=replica, index=0, seed=compared_seed(config.seed, replica))
             record: dict[str, Any] = {"seed": member.seed, "replica": replica}
             try:
                 result = train_tracked(

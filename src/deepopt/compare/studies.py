@@ -35,6 +35,9 @@ def study_params(params: Params, optimizer: str) -> Params:
     tune = params.tune.model_dump(mode="json") | {
         "experiment": None,  # the base below is the compared network already
         "n_trials": compare.budget,
+        # No session deadline: a study cut short by one would hold fewer trials than the
+        # others, and DVC would take the stage as done.
+        "timeout": None,
         "epochs": compare.epochs,
         "workers": compare.workers,
         "storage": compare.storage,

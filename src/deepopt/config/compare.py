@@ -19,13 +19,15 @@ __all__ = ["KERAS_DEFAULTS", "CompareConfig", "CompareSpace"]
 # (SGD 0.01; Adagrad, RMSprop, Adam, AdamW 0.001; AdamW's weight_decay 0.004), on top of
 # the knob defaults in config.knobs (Keras' rho, epsilons, betas; momentum 0.9, the lecture's,
 # for the momentum and nesterov variants, which Keras has no default for), constant rate.
+# weight_decay is set for every one: else the base config's (or compare.experiment's) L2
+# penalty would carry over into "the defaults".
 KERAS_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sgd": {"lr": 0.01},
-    "momentum": {"lr": 0.01},
-    "nesterov": {"lr": 0.01},
-    "adagrad": {"lr": 0.001},
-    "rmsprop": {"lr": 0.001},
-    "adam": {"lr": 0.001},
+    "sgd": {"lr": 0.01, "weight_decay": 0.0},
+    "momentum": {"lr": 0.01, "weight_decay": 0.0},
+    "nesterov": {"lr": 0.01, "weight_decay": 0.0},
+    "adagrad": {"lr": 0.001, "weight_decay": 0.0},
+    "rmsprop": {"lr": 0.001, "weight_decay": 0.0},
+    "adam": {"lr": 0.001, "weight_decay": 0.0},
     "adamw": {"lr": 0.001, "weight_decay": 0.004},
 }
 

@@ -46,15 +46,15 @@ def main(params: Params, **_: object) -> dict[str, Any]:
         # The JSON files keep their keys sorted; the report follows params.yaml's order.
         source[key] = {optimizer: listed[optimizer] for optimizer in compare.optimizers}
     url = check_storage_url(compare.storage, "compare.storage")
-    names = {name: entry["study"] for name, entry in studies["studies"].items()}
-    counted = count_finished(url, names, compare.optimizers)
-    check_budgets(studies, counted, compare.budget)  # each study against params.yaml's budget
-    if studies["budget"] != compare.budget:  # studies.json from another budget than asked
-        raise DataError(
-            f"compare/studies.json was written for budget {studies['budget']}, but "
-            f"compare.budget is {compare.budget}; {hint}"
-        )
     try:
+        names = {name: entry["study"] for name, entry in studies["studies"].items()}
+        counted = count_finished(url, names, compare.optimizers)
+        check_budgets(studies, counted, compare.budget)  # each study against the budget asked
+        if studies["budget"] != compare.budget:  # studies.json of another budget
+            raise DataError(
+                f"compare/studies.json was written for budget {studies['budget']}, but "
+                f"compare.budget is {compare.budget}; {hint}"
+            )
         report = render_report(
             default,
             tuned,
@@ -64,7 +64,8 @@ def main(params: Params, **_: object) -> dict[str, Any]:
             profile_file=paths.COMPARE_PROFILE_PLOT.name,
         )
         metrics = compare_metrics(default, tuned, studies)
-    except (KeyError, TypeError, ValueError, IndexError) as err:  # a file edited or damaged
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+        # a file edited or damaged by hand
         raise DataError(
             f"compare: runs/*.json or studies.json lack what compare-seeds and compare-tune "
             f"write ({type(err).__name__}: {one_line(err)}); {hint}"

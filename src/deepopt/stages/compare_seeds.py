@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from deepopt import devices, paths, tracking
-from deepopt.compare.seeds import train_seeds
+from deepopt.compare.seeds import compared_seed, train_seeds
 from deepopt.config import Params, RunConfig, apply_overrides, load_overrides, resolve_compare
 from deepopt.data import load_prepared, normalize
 from deepopt.errors import ConfigError
@@ -91,7 +91,7 @@ def main(params: Params, settings: str = "default", **_: object) -> dict[str, An
             "dataset": first.data.name,
             "model": first.model.name,
             "epochs": compare.epochs,
-            "seeds": [first.seed + replica for replica in range(compare.seeds)],
+            "seeds": [compared_seed(first.seed, replica) for replica in range(compare.seeds)],
             "optimizers": optimizers,
         },
     )

@@ -12,6 +12,7 @@ import optuna
 from deepopt import paths
 from deepopt.compare.studies import monitor_goal, study_label, study_params, study_summary
 from deepopt.config import Params
+from deepopt.errors import DataError
 from deepopt.files import check_writable, write_json
 from deepopt.tuning import open_storage, parse_storage_url, tune_study
 
@@ -35,7 +36,13 @@ def main(params: Params, **_: object) -> dict[str, Any]:
         )
         storage = open_storage(url, params.tune, key="compare.storage")
         study = optuna.load_study(study_name=session["study"], storage=storage.storage)
-        studies[optimizer] = study_summary(study, compare.budget)
+        studies[optimizer] = summary = study_summary(study, compare.budget)
+        if summary["finished"] < compare.budget:  # e.g. its session was stopped by a signal
+            raise DataError(
+                f"compare-tune: study {summary['study']} ({optimizer}) holds "
+                f"{summary['finished']} finished trials, fewer than compare.budget "
+                f"{compare.budget}; run it again to top it up"
+            )
     monitor, goal = monitor_goal(params)
     write_json(
         paths.COMPARE_STUDIES,

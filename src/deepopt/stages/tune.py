@@ -23,6 +23,7 @@ def main(
     worker_index: int = 0,
     threads: int | None = None,
     session_pid: int | None = None,
+    label: str | None = None,
     **_: object,
 ) -> dict[str, Any]:
     """Run trials until the study holds ``n_trials`` (default tune.n_trials) finished ones,
@@ -33,6 +34,8 @@ def main(
         raise ConfigError(f"--n-trials: {total} must be at least 1 and at most {MAX_TRIALS}")
     if study_name is not None:
         check_name(study_name, "--study-name")  # a path part: checkpoints/tune/<study>/
+    if label is not None:
+        check_name(label, "--label")  # an MLflow tag and a study-name prefix
     url = parse_storage_url(
         storage or params.tune.storage, "--storage" if storage else "tune.storage"
     )
@@ -46,4 +49,5 @@ def main(
         worker_index=worker_index,
         threads=threads,
         session_pid=session_pid,
+        label=label,
     )

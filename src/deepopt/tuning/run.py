@@ -80,6 +80,7 @@ def tune_study(
                 n_trials=n_trials,
                 parent_run=run_id,
                 folder=tuning.checkpoint_root,
+                label=label,
             )
             ran = sum(count_trials(tuning.study).values()) - sum(before.values())
         seconds = round(time.perf_counter() - tic, 1)

@@ -80,7 +80,14 @@ def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
 
 
 def run_workers(
-    params: Params, *, study: str, storage: str, n_trials: int, parent_run: str, folder: Path
+    params: Params,
+    *,
+    study: str,
+    storage: str,
+    n_trials: int,
+    parent_run: str,
+    folder: Path,
+    label: str | None = None,
 ) -> None:
     """``tune.workers`` processes of ``deepopt tune --worker`` on the same study and params.
 
@@ -100,6 +107,8 @@ def run_workers(
     options = ["--worker", "--storage", storage, "--n-trials", str(n_trials)]
     options += ["--study-name", study, "--parent-run", parent_run, "--threads", str(threads)]
     options += ["--session-pid", str(os.getpid())]
+    if label is not None:  # the workers' runs are tagged as the session's
+        options += ["--label", label]
     workers: list[subprocess.Popen[bytes]] = []
     try:
         for index, worker_device in enumerate(worker_devices(spec, device, count, gpus)):
