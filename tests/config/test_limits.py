@@ -98,6 +98,7 @@ def edge_values(kind: type, metadata: list[Any]) -> list[Any]:
 # Numbers a validator bounds rather than the field itself (class indices, Adam's betas), and
 # the search ranges, which are checked against the knob they feed.
 BOUNDED_ELSEWHERE = ("transfer.source.classes.0", "transfer.target.classes.0", "optim.betas.0")
+SEARCH_SPACES = ("tune.space", "compare.space")
 TUPLE_DEFAULTS: dict[str, list[Any]] = {"betas": [0.9, 0.999], "conv_channels": [4, 8, 8]}
 
 
@@ -117,7 +118,7 @@ def with_value(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
     node: Any = raw
     for key in parents:
         if node.get(key) is None:
-            node[key] = {"low": 1e-5, "high": 1e-3} if path.startswith("tune.space") else {}
+            node[key] = {"low": 1e-5, "high": 1e-3} if path.startswith(SEARCH_SPACES) else {}
         node = node[key]
     if path.endswith(".0"):
         entries = list(node.get(last) or TUPLE_DEFAULTS.get(last, [1]))
@@ -138,7 +139,7 @@ def test_the_schema_walk_finds_every_section() -> None:
 def test_every_number_refuses_its_edges_in_one_line(
     base_params: dict[str, Any], path: str, kind: type, metadata: list[Any]
 ) -> None:
-    if not path.startswith("tune.space") and path not in BOUNDED_ELSEWHERE:
+    if not path.startswith(SEARCH_SPACES) and path not in BOUNDED_ELSEWHERE:
         assert any(isinstance(m, (annotated_types.Le, annotated_types.Lt)) for m in metadata), (
             f"{path} has no upper bound"
         )
@@ -151,7 +152,7 @@ def test_every_number_refuses_its_edges_in_one_line(
         # The message names this key; a tuple's validator or a search range's check may
         # name the tuple or the range.
         parent = path.rsplit(".", 1)[0]
-        named = path if not (path.endswith(".0") or path.startswith("tune.space")) else parent
+        named = path if not (path.endswith(".0") or path.startswith(SEARCH_SPACES)) else parent
         assert message.startswith(f"params.yaml: {named}"), (value, message)
 
 

@@ -72,7 +72,7 @@ NOT_RUN = {
     "itself runs as the tune stage",
     "optuna-dashboard sqlite:///optuna.db": "a server that runs until stopped",
     "optuna-dashboard sqlite:///compare/optuna.db": "a server that runs until stopped",
-    "dvc repro compare/dvc.yaml": "seven studies and 70 seeds, about 45 minutes; "
+    "dvc repro compare/dvc.yaml": "seven studies and 70 seeds, over an hour here (README); "
     "tests/compare/test_compare_pipeline.py runs it on tiny data with two optimizers",
     "python benchmarks/bench_train.py": "a 12-minute measurement; tests/system/test_bench.py "
     "runs the script on tiny data",

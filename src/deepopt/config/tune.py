@@ -101,12 +101,8 @@ def searchable_knobs(schedule: str) -> list[str]:
     ]
 
 
-def _check_range(
-    path: str, bounds: SearchRange, model: type[BaseModel], key: str, fixed: dict[str, Any]
-) -> None:
-    """Both ends of a range must be values the target field accepts."""
-    if not bounds.low < bounds.high:
-        raise ValueError(f"{path}: low {bounds.low:g} must be < high {bounds.high:g}")
+def _check_steps(path: str, bounds: SearchRange) -> None:
+    """A grid's step: positive, not on a log scale, and at most the range's width."""
     if bounds.log and bounds.low <= 0:
         raise ValueError(f"{path}: a log range needs low > 0, got low {bounds.low:g}")
     if bounds.step is not None and (bounds.log or bounds.step <= 0):
@@ -116,6 +112,15 @@ def _check_range(
             f"{path}: step {bounds.step:g} is more than high - low "
             f"({bounds.high - bounds.low:g}); the range would hold one value"
         )
+
+
+def _check_range(
+    path: str, bounds: SearchRange, model: type[BaseModel], key: str, fixed: dict[str, Any]
+) -> None:
+    """Both ends of a range must be values the target field accepts."""
+    if not bounds.low < bounds.high:
+        raise ValueError(f"{path}: low {bounds.low:g} must be < high {bounds.high:g}")
+    _check_steps(path, bounds)
     section = "optim" if model is OptimConfig else "schedule"
     for end, value in (("low", bounds.low), ("high", bounds.high), ("step", bounds.step)):
         if value is None:
@@ -181,13 +186,15 @@ class TuneSpace(Strict):
             )
         if self.rho is not None:
             _check_range(f"{where}.rho", self.rho, OptimConfig, "rho", {"name": "rmsprop"})
-        for key in ("beta1", "beta2"):
+        for key in ("beta1", "beta2"):  # one entry of optim.betas each: [0, 1)
             bounds = getattr(self, key)
             if bounds is not None and not 0.0 <= bounds.low < bounds.high < 1.0:
                 raise ValueError(
                     f"{where}.{key}: [{bounds.low:g}, {bounds.high:g}] must lie in [0, 1) "
                     "with low < high"
                 )
+            if bounds is not None:
+                _check_steps(f"{where}.{key}", bounds)
         if self.optimizer is not None and self.nesterov:
             raise ValueError(
                 f"{where}.nesterov: set it to false when {where}.optimizer is searched "
