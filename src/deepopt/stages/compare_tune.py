@@ -25,6 +25,7 @@ def main(params: Params, **_: object) -> dict[str, Any]:
     best_files = [paths.compare_best_path(name) for name in compare.optimizers]
     check_writable(paths.COMPARE_STUDIES, *best_files)  # before hours of trials
     studies: dict[str, Any] = {}
+    storage = open_storage(url, params.tune, key="compare.storage")  # to read back each study
     for optimizer, best_file in zip(compare.optimizers, best_files, strict=True):
         session = tune_study(
             study_params(params, optimizer),
@@ -34,7 +35,6 @@ def main(params: Params, **_: object) -> dict[str, Any]:
             best_path=best_file,
             best_within=compare.budget,
         )
-        storage = open_storage(url, params.tune, key="compare.storage")
         study = optuna.load_study(study_name=session["study"], storage=storage.storage)
         studies[optimizer] = summary = study_summary(study, compare.budget)
         if summary["finished"] < compare.budget:  # e.g. its session was stopped by a signal
