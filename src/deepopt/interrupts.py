@@ -48,6 +48,11 @@ class InterruptGate:
             for signum in _SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._note)
 
+    @property
+    def held(self) -> bool:
+        """Whether a hold is on (in the main thread)."""
+        return self._in_main_thread() and self._depth > 0
+
     def _note(self, signum: int, frame: FrameType | None) -> None:
         if self._pending:
             raise KeyboardInterrupt  # the second interrupt does not wait

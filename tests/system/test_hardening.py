@@ -25,7 +25,7 @@ import torch
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from deepopt import cli, tracking, tuning
+from deepopt import cli, interrupts, tracking, tuning
 from deepopt.config import TuneConfig, load_params, resolve_experiment
 from deepopt.data import load_prepared
 from deepopt.training.member import normalized_splits, train_tracked
@@ -398,6 +398,41 @@ def test_an_interrupt_after_a_trial_trained_waits_until_optuna_recorded_it(
         )
     assert [t.state for t in study.trials] == [TrialState.COMPLETE]  # recorded, then stopped
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_a_second_interrupt_while_optuna_records_an_interrupted_trial_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C stops a trial; a SIGTERM (a scheduler, dvc) comes while Optuna's tell() writes
+    # the FAIL: it used to cut that write in half, Optuna then printed its UnboundLocalError
+    # traceback and left the trial RUNNING.
+    storage = tuning.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", TuneConfig())
+    study = optuna.create_study(study_name="twice", storage=storage.storage)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    recording = study._storage.set_trial_state_values
+    second: list[int] = []
+
+    def set_state_then_signal(trial_id: int, state: TrialState, values: Any = None) -> bool:
+        if state == TrialState.FAIL and not second:
+            second.append(trial_id)
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, inside Optuna's tell
+        return bool(recording(trial_id, state, values))
+
+    monkeypatch.setattr(study._storage, "set_trial_state_values", set_state_then_signal)
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.suggest_float("x", 0.0, 1.0)
+        os.kill(os.getpid(), signal.SIGINT)  # the first: stops the trial
+        return 0.0
+
+    with interrupts.handling_interrupts(), pytest.raises(KeyboardInterrupt):
+        tuning.run_trials(
+            study, objective, n_trials=3, storage=storage, lock_path=tmp_path / "claim.lock"
+        )
+    assert second  # the second signal came during the tell
+    assert [t.state for t in study.trials] == [TrialState.FAIL]  # recorded whole
+    assert not trials._HELD.held
+    assert {signum: signal.getsignal(signum) for signum in handlers} == handlers
 
 
 class _InterruptWhileAsking(optuna.samplers.RandomSampler):

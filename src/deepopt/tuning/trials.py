@@ -122,7 +122,15 @@ def run_trials(
         if _HELD.release():  # the interrupt came while Optuna created this trial
             requeue(trial.study, trial.number)  # a retry keeps its checkpoint to continue
             raise KeyboardInterrupt  # Optuna fails the trial, then lets it through
-        return objective(trial)
+        try:
+            return objective(trial)
+        except BaseException:
+            # Optuna records the trial (FAIL or PRUNED) next: a second Ctrl-C or SIGTERM
+            # inside its tell() would leave the trial RUNNING and print Optuna's own
+            # UnboundLocalError traceback. Held until optimize() returns (the finally below).
+            if not _HELD.held:
+                _HELD.hold()
+            raise
 
     with _expected_failures_in_one_line():
         while (deadline is None or time.monotonic() < deadline) and not orphaned():
@@ -268,9 +276,11 @@ def make_objective(session: TrialSession) -> Callable[[optuna.Trial], float]:
                 on_epoch=on_epoch,
             )
         except optuna.TrialPruned:
+            _HELD.hold()  # its records, then Optuna's: see run_trials
             shutil.rmtree(folder, ignore_errors=True)
             raise
         except DivergedError as err:
+            _HELD.hold()  # its records, then Optuna's: see run_trials
             # Pruned, not failed: TPE learns from pruned trials and ignores failed ones.
             # At the step after the last reported one: the epoch that diverged.
             trial.report(float("nan"), _last_reported_step(trial) + 1)
@@ -280,12 +290,14 @@ def make_objective(session: TrialSession) -> Callable[[optuna.Trial], float]:
             shutil.rmtree(folder, ignore_errors=True)
             raise optuna.TrialPruned(reason) from None
         except KeyboardInterrupt as err:
+            _HELD.hold()  # its records, then Optuna's: see run_trials
             reason = f"interrupted ({err or 'Ctrl-C or SIGTERM'}); queued again"
             trial.set_user_attr("reason", reason)
             _mark_runs(session, number, "FAIL", reason, interrupted=True)
             requeue(trial.study, number)
             raise
         except Exception as err:
+            _HELD.hold()  # its records, then Optuna's: see run_trials
             reason = one_line(f"{type(err).__name__}: {err}", limit=500)
             trial.set_user_attr("reason", reason)
             _mark_runs(session, number, "FAIL", reason)
