@@ -75,6 +75,7 @@ def test_compare_dvc_yaml_writes_the_paths_the_code_writes() -> None:
     assert best in stages["tuned"]["deps"]
     assert _names(stages["report"]["outs"]) == [
         str(paths.COMPARE_REPORT),
+        str(paths.COMPARE_REPORT_HTML),
         str(paths.COMPARE_PROFILE_PLOT),
     ]
     assert _names(stages["report"]["metrics"]) == [str(paths.COMPARE_METRICS)]
@@ -136,6 +137,9 @@ def _check_outputs() -> None:
     report = paths.COMPARE_REPORT.read_text(encoding="utf-8")
     assert "| sgd |" in report and "| adam |" in report
     assert paths.COMPARE_PROFILE_PLOT.stat().st_size > 1000
+    page = paths.COMPARE_REPORT_HTML.read_text(encoding="utf-8")  # the same, one page
+    assert "<h2>Verdict</h2>" in page and "<td>adam</td>" in page
+    assert 'src="data:image/png;base64,' in page
     metrics = _read(paths.COMPARE_METRICS)
     assert set(metrics["test_acc"]["tuned"]) == {"sgd", "adam"}
     # MLflow: one parent run per optimizer and settings, its seed runs nested under it.
@@ -197,6 +201,27 @@ def test_budgets_are_checked_topped_up_and_flagged(
     _run("compare-seeds", "--settings", "tuned")
     _run("compare-report")
     assert "extended" in paths.COMPARE_REPORT.read_text(encoding="utf-8")
+    # One MLflow parent run per study, which all three sessions continued: its trials
+    # nested under it, a step of the session metrics and a settings file per session.
+    runs = client.search_runs([experiment.experiment_id], max_results=500)
+    for name in ("sgd", "adam"):
+        study = studies[name]["study"]
+        (parent,) = [
+            run
+            for run in runs
+            if run.data.tags.get("optuna_study") == study and "optuna_trial" not in run.data.tags
+        ]
+        assert parent.info.status == "FINISHED" and parent.data.tags["deepopt.role"] == "study"
+        children = {
+            run.data.tags["optuna_trial"]
+            for run in runs
+            if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+        }
+        assert children == {"0", "1", "2"}
+        history = client.get_metric_history(parent.info.run_id, "trials_complete")
+        assert [metric.step for metric in sorted(history, key=lambda m: m.step)] == [0, 1, 2]
+        sessions = client.list_artifacts(parent.info.run_id, "sessions")
+        assert [Path(a.path).name.split("-")[0] for a in sessions] == ["0", "1", "2"]
 
 
 def test_tuned_before_tune_is_one_line(

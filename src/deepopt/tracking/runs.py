@@ -23,6 +23,7 @@ __all__ = [
     "ensure_experiment",
     "experiment_run",
     "find_runs",
+    "keyed_run",
     "run_exists",
     "run_status",
     "start_run",
@@ -196,6 +197,33 @@ def experiment_run(
     )
     with ending_run(started, keep_on):
         yield started
+
+
+def keyed_run(
+    experiment_id: str,
+    run_name: str,
+    *,
+    key: str,
+    role: str,
+    tags: Mapping[str, str] | None = None,
+) -> tuple[str, bool]:
+    """Start the one run of ``key`` (and ``role``) again, or create it: its id, and whether
+    this call created it (its creator logs what the run is of). The caller ends it
+    (``ending_run``); every later call continues it.
+
+    Two processes that create it at once (without a lock between them) each keep the
+    earlier run, and the later one is deleted: they go on in the same run."""
+    key_tags = {ROLE_TAG: role, _PARENT_KEY_TAG: key}
+    all_tags = {**(tags or {}), **key_tags}
+    earlier = find_runs(experiment_id, tags=key_tags)  # newest first
+    if earlier:
+        return start_run(experiment_id, run_name, run_id=earlier[-1], tags=all_tags), False
+    started = start_run(experiment_id, run_name, tags=all_tags)
+    kept = find_runs(experiment_id, tags=key_tags)[-1]
+    if kept == started:
+        return started, True
+    _call(f"delete run {started}", lambda: _client().delete_run(started))
+    return start_run(experiment_id, run_name, run_id=kept, tags=all_tags), False
 
 
 @contextlib.contextmanager

@@ -69,22 +69,22 @@ def tune_study(
         requeue_orphans(tuning)
     before = announce(tuning, n_trials)
     tic = time.perf_counter()
-    with session_run(tuning, worker) as run_id:
+    with session_run(tuning, worker) as run:
         if worker or params.tune.workers == 1:
-            ran = run_here(run_id)
+            ran = run_here(run.run_id)
         else:
             run_workers(
                 params,
                 study=tuning.name,
                 storage=url.url,
                 n_trials=n_trials,
-                parent_run=run_id,
+                parent_run=run.run_id,
                 folder=tuning.checkpoint_root,
                 label=label,
             )
             ran = sum(count_trials(tuning.study).values()) - sum(before.values())
         seconds = round(time.perf_counter() - tic, 1)
-        summary = finish_session(tuning, run_id, ran=ran, seconds=seconds)
+        summary = finish_session(tuning, run, ran=ran, seconds=seconds)
         if worker:
             return summary
-        return {**summary, **log_best(tuning, run_id)}
+        return {**summary, **log_best(tuning, run)}

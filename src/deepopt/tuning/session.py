@@ -22,11 +22,20 @@ from deepopt.files import check_writable
 from deepopt.paths import BASE_EXPERIMENT, BEST_PARAMS
 from deepopt.training.member import normalized_splits
 from deepopt.tuning.space import derive_study_name, direction, trial_config
-from deepopt.tuning.storage import ClaimLock, StorageUrl, StudyStorage, fail_orphans, open_storage
+from deepopt.tuning.storage import (
+    ClaimLock,
+    StorageUrl,
+    StudyStorage,
+    claim_lock,
+    fail_orphans,
+    open_storage,
+)
 from deepopt.tuning.study import close_dead_runs, count_trials, log_plots, open_study, write_best
 from deepopt.tuning.trials import TrialSession, make_objective, run_trials
 
 __all__ = [
+    "STUDY_ROLE",
+    "SessionRun",
     "Tuning",
     "announce",
     "finish_session",
@@ -181,24 +190,53 @@ def announce(tuning: Tuning, n_trials: int) -> dict[str, int]:
     return before
 
 
+# Tag deepopt.role of a study's parent run: `mlflow ui` lists the studies with
+# tags.`deepopt.role` = 'study'.
+STUDY_ROLE = "study"
+_SESSION_METRIC = "session_seconds"  # one step per session that ended: the session's index
+
+
+@dataclass(frozen=True)
+class SessionRun:
+    """The study's MLflow parent run, as this session continues it."""
+
+    run_id: str
+    step: int  # this session's index among the study's sessions (0 for the first)
+
+
 @contextmanager
-def session_run(tuning: Tuning, worker: bool) -> Iterator[str]:
-    """The session's MLflow parent run (each trial's run is its child), with the tune
-    settings, the study name and the storage as params; yields its id."""
+def session_run(tuning: Tuning, worker: bool) -> Iterator[SessionRun]:
+    """The study's MLflow parent run (each trial's run is its child): one per study, in
+    its storage, which every session and worker of the study continues; its params (the
+    tune settings, study name and storage) are the first session's, each session's own
+    settings are the artifact ``sessions/<k>-<main or worker>-<pid>.json``."""
     tags = {
         **tuning.tags,
         "optuna_study": tuning.name,
         "tune_session": "worker" if worker else "main",
     }
     name = f"tune {tuning.name}"
-    with tracking.tracked_run(tuning.experiment_id, name, tags=tags) as run_id:
+    key = f"{tuning.storage.shown} {tuning.name}"
+    # Under the claim lock (a PostgreSQL storage's locks every machine's sessions): two
+    # sessions starting at once find or create the same run.
+    with claim_lock(tuning.storage, tuning.lock_path, tuning.name):
+        run_id, created = tracking.keyed_run(
+            tuning.experiment_id, name, key=key, role=STUDY_ROLE, tags=tags
+        )
+    with tracking.ending_run(run_id):
         tune = tuning.params.tune.model_dump(mode="json")
         shown = tuning.storage.shown
-        tracking.log_params(run_id, {"tune": tune, "study_name": tuning.name, "storage": shown})
-        yield run_id
+        if created:
+            tracking.log_params(run_id, {"tune": tune, "study_name": tuning.name, "storage": shown})
+        ended = tracking.logged_epochs(run_id, _SESSION_METRIC)
+        step = max(ended) + 1 if ended else 0
+        settings = {"tune": tune, "worker": worker, "pid": os.getpid()}
+        session = f"{step}-{tags['tune_session']}-{os.getpid()}"
+        tracking.log_dict(run_id, settings, f"sessions/{session}.json")
+        yield SessionRun(run_id, step)
 
 
-def finish_session(tuning: Tuning, run_id: str, *, ran: int, seconds: float) -> dict[str, Any]:
+def finish_session(tuning: Tuning, run: SessionRun, *, ran: int, seconds: float) -> dict[str, Any]:
     """End the runs dead trials left RUNNING, log the trial counts; the session summary."""
     closed = close_dead_runs(tuning.experiment_id, tuning.study)
     counts = count_trials(tuning.study)
@@ -212,16 +250,19 @@ def finish_session(tuning: Tuning, run_id: str, *, ran: int, seconds: float) -> 
         "seconds": seconds,
     }
     tracking.log_metrics(
-        run_id,
+        run.run_id,
         {f"trials_{state.lower()}": n for state, n in counts.items()}
-        | {"session_seconds": seconds},
+        | {_SESSION_METRIC: seconds, "trials_this_session": ran},
+        step=run.step,
     )
     return summary
 
 
-def log_best(tuning: Tuning, run_id: str) -> dict[str, Any]:
-    """Write params/best.yaml and log the best trial and Optuna's plots into the parent run;
+def log_best(tuning: Tuning, run: SessionRun) -> dict[str, Any]:
+    """Write params/best.yaml and log the best trial and Optuna's plots into the parent run
+    (the best so far: tags ``best.<param>``, metric ``best_value`` at the session's step);
     the summary's best-trial fields."""
+    run_id = run.run_id
     best, overrides = write_best(
         tuning.params,
         tuning.study,
@@ -231,10 +272,13 @@ def log_best(tuning: Tuning, run_id: str) -> dict[str, Any]:
         within=tuning.best_within,
     )
     assert best.value is not None  # a complete trial
-    tracking.log_metrics(run_id, {"best_value": best.value})
-    tracking.log_params(run_id, {"best": best.params})
+    tracking.log_metrics(run_id, {"best_value": best.value}, step=run.step)
     best_run = best.user_attrs.get("mlflow_run_id", "")
-    tracking.set_tags(run_id, {"best_trial": str(best.number), "best_run_id": best_run})
+    # Tags, not params: a later session of the study may find a better trial.
+    best_tags = {f"best.{key}": str(value) for key, value in best.params.items()}
+    tracking.set_tags(
+        run_id, {**best_tags, "best_trial": str(best.number), "best_run_id": best_run}
+    )
     tracking.log_artifact(run_id, tuning.best_path)
     return {
         "plots": log_plots(run_id, tuning.study),
