@@ -31,6 +31,7 @@ __all__ = [
     "COMPARE_METRICS",
     "COMPARE_PROFILE_PLOT",
     "COMPARE_REPORT",
+    "COMPARE_REPORT_HTML",
     "COMPARE_STUDIES",
     "FIGURES_DIR",
     "LR_FIND_DIR",
@@ -100,6 +101,7 @@ TRANSFER_DIR = Path("transfer")
 COMPARE_DIR = Path("compare")
 COMPARE_STUDIES = COMPARE_DIR / "studies.json"  # each study's counts, cost and best trial
 COMPARE_REPORT = COMPARE_DIR / "report.md"
+COMPARE_REPORT_HTML = COMPARE_DIR / "report.html"  # the same, one offline page
 COMPARE_PROFILE_PLOT = COMPARE_DIR / "profile.png"  # seeds at the target by epoch
 COMPARE_METRICS = COMPARE_DIR / "metrics.json"  # dvc metrics: mean test accuracies
 

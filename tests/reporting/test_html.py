@@ -207,6 +207,13 @@ def test_each_run_links_to_its_mlflow_page_with_its_id_as_text(matrix: Params) -
     assert "no <code>models/nobn/run.json</code>" in text
 
 
+def test_the_page_links_the_compare_and_transfer_reports(matrix: Params) -> None:
+    report.main(matrix)
+    links = dict(_page().links)
+    assert links["../compare/report.html"] == "Which optimizer is best?"
+    assert links["../transfer/report.md"] == "Transfer learning"
+
+
 def test_runs_on_a_tracking_server_link_to_that_server(
     matrix: Params, monkeypatch: pytest.MonkeyPatch
 ) -> None:

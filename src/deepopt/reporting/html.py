@@ -15,7 +15,7 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from deepopt.paths import REPORT_DIR, REPORT_PLOTS
+from deepopt.paths import COMPARE_REPORT_HTML, REPORT_DIR, REPORT_PLOTS, transfer_report_path
 from deepopt.reporting.claims import MEASURES, ClaimRow
 from deepopt.reporting.figures import BAND
 from deepopt.reporting.lecture import LECTURE_DATASET
@@ -308,6 +308,22 @@ def _learning_rates(rates: LearningRates | None, plot: Image | None) -> list[str
 # ------------------------------------------------------------------------ the page
 
 
+def _other_reports() -> list[str]:
+    """Links to the reports of the other two pipelines, relative to reports/ (written by
+    their own `dvc repro`, not this stage: a link, not their content, so this page depends
+    on nothing of theirs)."""
+    rows = [
+        (COMPARE_REPORT_HTML, "Which optimizer is best?", "compare/dvc.yaml"),
+        (transfer_report_path(), "Transfer learning", "transfer/dvc.yaml"),
+    ]
+    items = [
+        f"<li>{link(f'../{path.as_posix()}', text(title))}: {code(path.as_posix())}, "
+        f"written by {code(f'dvc repro {pipeline}')} (or {code('make repro-full')})</li>"
+        for path, title, pipeline in rows
+    ]
+    return ["<h2>The other pipelines</h2>", "<ul>", *items, "</ul>"]
+
+
 def render_html(
     *,
     summaries: Sequence[Summary],
@@ -345,4 +361,5 @@ def render_html(
         body += _deep(deep, figures.get(_DEEP))
     body += _learning_rates(learning_rates, lr_plot)
     body += _runs([s.name for s in summaries], runs, experiments, source, ui_base)
+    body += _other_reports()
     return document("Lecture 10a experiments", body)

@@ -21,6 +21,7 @@ __all__ = [
     "code",
     "document",
     "figure",
+    "from_markdown",
     "link",
     "num",
     "paragraph",
@@ -49,6 +50,10 @@ code { font-size: 0.92em; background: #f5f5f5; padding: 0 0.2em; }
 """
 
 _CODE_SPAN = re.compile(r"`([^`]+)`")
+_BOLD = re.compile(r"\*\*(.+?)\*\*")
+_IMAGE = re.compile(r"^!\[(?P<alt>[^\]]*)\]\((?P<file>[^)]+)\)$")
+_CELL_SPLIT = re.compile(r"(?<!\\)\|")  # a cell's own | is written \|
+_NUMBER_CELL = re.compile(r"^[-+−<]?\s?\d")
 
 
 @dataclass(frozen=True)
@@ -154,3 +159,49 @@ def document(title: str, body: Sequence[str]) -> str:
             "",
         ]
     )
+
+
+def _inline(plain: str) -> str:
+    return _BOLD.sub(r"<strong>\1</strong>", text(plain))
+
+
+def _cells(line: str) -> list[str]:
+    cells = _CELL_SPLIT.split(line.strip().strip("|"))
+    return [cell.strip().replace("\\|", "|") for cell in cells]
+
+
+def _table_block(lines: Sequence[str]) -> str:
+    header, rows = _cells(lines[0]), [_cells(line) for line in lines[2:]]
+
+    def cell(plain: str) -> str:
+        css = "num" if _NUMBER_CELL.match(plain) else ""
+        css = plain.split(" ")[0] if plain.startswith(("supported", "contradicted")) else css
+        return td(_inline(plain), css)
+
+    return table(header, [[cell(c) for c in row] for row in rows])
+
+
+def from_markdown(markdown: str, images: Mapping[str, Image]) -> list[str]:
+    """The page body of a report deepopt wrote in markdown (headings, paragraphs, ``- ``
+    lists, pipe tables, ``**bold**``, `code` and ``![alt](file)`` images, the file one of
+    ``images``, embedded): the same text as the markdown, so the two never disagree."""
+    body: list[str] = []
+    blocks = [b.splitlines() for b in re.split(r"\n\s*\n", markdown.strip()) if b.strip()]
+    for lines in blocks:
+        first = lines[0]
+        heading = re.match(r"^(#{1,4}) (.*)$", first)
+        image = _IMAGE.match(first.strip())
+        if heading and len(lines) == 1:
+            level = len(heading.group(1))
+            body.append(f"<h{level}>{_inline(heading.group(2))}</h{level}>")
+        elif image and len(lines) == 1:
+            found = images.get(image.group("file"))
+            body.append(figure(found or Image(image.group("alt"), image.group("file"), None)))
+        elif all(line.startswith("|") for line in lines) and len(lines) >= 2:
+            body.append(_table_block(lines))
+        elif all(line.startswith("- ") for line in lines):
+            items = "\n".join(f"<li>{_inline(line[2:])}</li>" for line in lines)
+            body.append(f"<ul>\n{items}\n</ul>")
+        else:
+            body.extend(f"<p>{_inline(line)}</p>" for line in lines)
+    return body

@@ -1,6 +1,7 @@
 """The ``compare-report`` stage (compare/dvc.yaml): the studies' budgets checked in the
 storage itself, then compare/report.md (default vs tuned, each optimizer against the best,
-the performance profile, the verdict), compare/profile.png and compare/metrics.json."""
+the performance profile, the verdict), the same as one offline page compare/report.html,
+compare/profile.png and compare/metrics.json."""
 
 from __future__ import annotations
 
@@ -18,13 +19,19 @@ from deepopt.config import Params, check_storage_url
 from deepopt.errors import DataError, one_line
 from deepopt.figures import png_bytes
 from deepopt.files import check_writable, read_json, write_bytes, write_json, write_text
+from deepopt.reporting import page
 
 __all__ = ["main"]
 
 
 def main(params: Params, **_: object) -> dict[str, Any]:
     compare = params.compare
-    outputs = (paths.COMPARE_REPORT, paths.COMPARE_PROFILE_PLOT, paths.COMPARE_METRICS)
+    outputs = (
+        paths.COMPARE_REPORT,
+        paths.COMPARE_REPORT_HTML,
+        paths.COMPARE_PROFILE_PLOT,
+        paths.COMPARE_METRICS,
+    )
     check_writable(*outputs)
     hint = "run `dvc repro compare/dvc.yaml`"
     default = read_json(paths.compare_runs_path("default"), hint)
@@ -74,4 +81,12 @@ def main(params: Params, **_: object) -> dict[str, Any]:
     write_bytes(paths.COMPARE_PROFILE_PLOT, png)
     write_json(paths.COMPARE_METRICS, metrics)
     write_text(paths.COMPARE_REPORT, report)
-    return {"stage": "compare-report", "report": str(paths.COMPARE_REPORT), **metrics}
+    profile = page.Image("performance profile", str(paths.COMPARE_PROFILE_PLOT), png)
+    body = page.from_markdown(report, {paths.COMPARE_PROFILE_PLOT.name: profile})
+    write_text(paths.COMPARE_REPORT_HTML, page.document("Which optimizer is best?", body))
+    return {
+        "stage": "compare-report",
+        "report": str(paths.COMPARE_REPORT),
+        "html": str(paths.COMPARE_REPORT_HTML),
+        **metrics,
+    }
