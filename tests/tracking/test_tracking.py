@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import mlflow.pytorch
@@ -651,3 +652,41 @@ def test_importing_tracking_leaves_torch_and_mlflow_pytorch_unloaded() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_keyed_run_is_created_once_and_continued_by_every_later_call(store: Path) -> None:
+    experiment_id = tracking.ensure_experiment("studies")
+    first, created = tracking.keyed_run(experiment_id, "tune a", key="db a", role="study")
+    assert created
+    tracking.end_run(first, "KILLED")
+    again, created = tracking.keyed_run(experiment_id, "tune a", key="db a", role="study")
+    assert (again, created) == (first, False)
+    assert tracking.run_status(first) == "RUNNING"  # continued
+    other, created = tracking.keyed_run(experiment_id, "tune b", key="db b", role="study")
+    assert created and other != first
+    assert _client().get_run(first).data.tags["deepopt.role"] == "study"
+
+
+def test_two_processes_creating_a_keyed_run_at_once_go_on_in_the_earlier(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    experiment_id = tracking.ensure_experiment("studies")
+    search = tracking.runs.find_runs
+    earlier: list[str] = []
+
+    def other_process_creates_its_run_after_this_search(
+        experiment: str, **kwargs: Any
+    ) -> list[str]:
+        found = search(experiment, **kwargs)
+        if not earlier:  # the other process saw no run either, and created its own
+            tags = {"deepopt.role": "study", "deepopt.parent_key": "db a"}
+            earlier.append(tracking.start_run(experiment, "tune a", tags=tags))
+            time.sleep(0.01)  # its start time a millisecond before this one's
+        return found
+
+    monkeypatch.setattr(tracking.runs, "find_runs", other_process_creates_its_run_after_this_search)
+    run_id, created = tracking.keyed_run(experiment_id, "tune a", key="db a", role="study")
+    assert (run_id, created) == (earlier[0], False)
+    monkeypatch.undo()
+    keyed = {"deepopt.role": "study", "deepopt.parent_key": "db a"}
+    assert tracking.find_runs(experiment_id, tags=keyed) == [earlier[0]]  # its own deleted
