@@ -176,6 +176,22 @@ def test_paired_difference_cell_is_mean_and_t_half_width(matrix: Params) -> None
     assert row["measure"] == "test acc"
 
 
+@pytest.mark.parametrize("replicas", [3, 5])
+def test_the_wilcoxon_line_gives_its_floor_at_the_run_s_n(matrix: Params, replicas: int) -> None:
+    base = [0.80 + 0.01 * r for r in range(replicas)]
+    write_experiment("nobn", base)
+    write_experiment("bn_sgd_earlystop", [b + 0.02 + 0.001 * r for r, b in enumerate(base)])
+    report.main(matrix)
+    text = Path("reports/lecture.md").read_text(encoding="utf-8")
+    line = next(line for line in text.splitlines() if line.startswith("Wilcoxon signed-rank"))
+    floor = 0.5**replicas  # every difference positive: the exact one-sided p is its floor
+    assert f"never below 1/2^n, {floor:.3g} at n = {replicas})" in line
+    expected = scipy.stats.wilcoxon(
+        [0.02 + 0.001 * r for r in range(replicas)], alternative="greater"
+    )
+    assert f"{BN_VS_NOBN} {expected.pvalue:.3f}" in line
+
+
 def test_claims_of_absent_experiments_are_not_run(matrix: Params) -> None:
     write_experiment("nobn", BASE_ACC)
     write_experiment("bn_sgd_earlystop", BASE_ACC)

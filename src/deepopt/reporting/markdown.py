@@ -236,8 +236,9 @@ def _claims_section(rows: Sequence[ClaimRow]) -> list[str]:
     ]
     if wilcoxon:
         lines += [
-            "Wilcoxon signed-rank p of the same pairs and side (unadjusted; with n pairs it "
-            "is never below 1/2^n, 0.125 at n = 3, so the t test decides): "
+            "Wilcoxon signed-rank p of the same pairs and side (unadjusted, a check that does "
+            "not assume normal differences; the verdicts use the t test: with n pairs the "
+            f"signed-rank p is never below 1/2^n, {_wilcoxon_floor(rows)}): "
             + ", ".join(wilcoxon)
             + ".",
             "",
@@ -246,6 +247,12 @@ def _claims_section(rows: Sequence[ClaimRow]) -> list[str]:
     if notes:
         lines += ["Notes:", "", *notes, ""]
     return lines
+
+
+def _wilcoxon_floor(rows: Sequence[ClaimRow]) -> str:
+    """1/2^n at each n of the table's tested rows, e.g. ``0.125 at n = 3``."""
+    counts = sorted({row.n for row in rows if row.n > 0 and not math.isnan(row.wilcoxon)})
+    return ", ".join(f"{0.5**n:.3g} at n = {n}" for n in counts)
 
 
 def _data_line(dataset: str, meta: Mapping[str, Any]) -> str:
