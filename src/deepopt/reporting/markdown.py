@@ -229,17 +229,14 @@ def _claims_section(rows: Sequence[ClaimRow]) -> list[str]:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    wilcoxon = [
-        f"{_experiments(row)} {format_p(row.wilcoxon)}"
-        for row in rows
-        if not math.isnan(row.wilcoxon)
-    ]
-    if wilcoxon:
+    ranked = [row for row in rows if not math.isnan(row.wilcoxon)]
+    if ranked:
+        floors = ", ".join(f"{0.5**n:.3g} at n = {n}" for n in sorted({row.n for row in ranked}))
         lines += [
             "Wilcoxon signed-rank p of the same pairs and side (unadjusted, a check that does "
             "not assume normal differences; the verdicts use the t test: with n pairs the "
-            f"signed-rank p is never below 1/2^n, {_wilcoxon_floor(rows)}): "
-            + ", ".join(wilcoxon)
+            f"signed-rank p is never below 1/2^n, {floors}): "
+            + ", ".join(f"{_experiments(row)} {format_p(row.wilcoxon)}" for row in ranked)
             + ".",
             "",
         ]
@@ -247,12 +244,6 @@ def _claims_section(rows: Sequence[ClaimRow]) -> list[str]:
     if notes:
         lines += ["Notes:", "", *notes, ""]
     return lines
-
-
-def _wilcoxon_floor(rows: Sequence[ClaimRow]) -> str:
-    """1/2^n at each n of the table's tested rows, e.g. ``0.125 at n = 3``."""
-    counts = sorted({row.n for row in rows if row.n > 0 and not math.isnan(row.wilcoxon)})
-    return ", ".join(f"{0.5**n:.3g} at n = {n}" for n in counts)
 
 
 def _data_line(dataset: str, meta: Mapping[str, Any]) -> str:
