@@ -452,6 +452,22 @@ def test_logged_model_loads_back_predicts_and_shows_under_its_run(store: Path) -
         expected = model.eval()(torch.from_numpy(batch))
         predicted = loaded(torch.from_numpy(batch))
     torch.testing.assert_close(predicted, expected)
+    # tracking.log_model skips MLflow's own check of the serving example; this is that check:
+    # the stored serving_input_example.json scores through pyfunc as MLflow's server reads it.
+    saved = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(store / "saved")))
+    served = store / "served.json"
+    mlflow.models.predict(
+        model_uri,
+        input_path=str(saved / "serving_input_example.json"),
+        content_type="json",
+        env_manager="local",
+        output_path=str(served),
+    )
+    with torch.no_grad():
+        on_example = model(torch.from_numpy(example)).numpy()
+    np.testing.assert_allclose(
+        json.loads(served.read_text())["predictions"], on_example, rtol=1e-5, atol=1e-6
+    )
 
     client = _client()
     run = client.get_run(run_id)
