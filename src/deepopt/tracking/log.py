@@ -284,7 +284,7 @@ def log_model(
                 pip_requirements=pip_requirements(),
                 serialization_format="pt2",
                 # MLflow would load the saved model back and run it on the serving example
-                # (0.09 s median a warm lecture-CNN model, measured alone; more for the first
+                # (0.08 s median a warm lecture-CNN model: bench_log_model.py; more for the first
                 # in a process; one model per seed). The example is this model's own input,
                 # and the test suite checks that the stored serving example scores through
                 # pyfunc, so the check runs once there rather than in every run.
