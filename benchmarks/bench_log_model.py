@@ -2,7 +2,8 @@
 of the lecture CNN (pt2, the input example and pins deepopt logs) with
 ``validate_serving_input`` on and off, in interleaved pairs in one warm process, into a
 throw-away sqlite store. ``deepopt.tracking.log_model`` logs with it off (one model a seed);
-the test suite runs the check instead (tests/tracking/test_tracking.py).
+the test suite runs the check instead (tests/tracking/test_tracking.py), and
+tests/system/test_bench.py runs this script.
 
     .venv/bin/python benchmarks/bench_log_model.py              # 8 pairs, about 15 s
     .venv/bin/python benchmarks/bench_log_model.py --pairs 20

@@ -1,4 +1,5 @@
-"""The training benchmark script runs end to end in its quickest mode on tiny data.
+"""The benchmark scripts run end to end: the training benchmark in its quickest mode on tiny
+data, the log_model one with two pairs into a throw-away store.
 
 No timing is asserted: only that every section produces its rows and the JSON is written.
 """
@@ -20,6 +21,19 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "bench_train.py"
+LOG_MODEL_SCRIPT = REPO / "benchmarks" / "bench_log_model.py"
+
+
+def _run_script(script: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python script args`` in ``cwd``, its output captured."""
+    return subprocess.run(
+        [sys.executable, str(script), *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _run_bench(tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
@@ -27,14 +41,7 @@ def _run_bench(tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
     if not DEBIAN_FASHION_MNIST.is_dir():
         pytest.skip(f"{DEBIAN_FASHION_MNIST} is missing: run `make setup`")
     out = tmp_path / "results"
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), *args, "--threads", "1", "--out", str(out)],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = _run_script(SCRIPT, *args, "--threads", "1", "--out", str(out), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     (result_file,) = out.glob("bench-*.json")
     return json.loads(result_file.read_text()), done.stdout
@@ -87,3 +94,28 @@ def test_speedrun_compares_bf16_with_fp32_seed_by_seed(tmp_path: Path) -> None:
     ]
     (target,) = [t for t in results["targets"] if "same seeds" in t["target"]]
     assert target["value"] == pytest.approx(abs(sum(gaps) / 2))
+
+
+def test_log_model_pairs_are_timed_both_ways_and_written(tmp_path: Path) -> None:
+    out, work = tmp_path / "results", tmp_path / "work"
+    work.mkdir()
+    done = _run_script(LOG_MODEL_SCRIPT, "--pairs", "2", "--out", str(out), cwd=work)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (result_file,) = out.glob("log-model-*.json")
+    result = json.loads(result_file.read_text())
+    assert result["pairs"] == 2
+    assert len(result["seconds"]["with_check"]) == len(result["seconds"]["without_check"]) == 2
+    assert all(s > 0 for side in result["seconds"].values() for s in side)
+    assert "paired difference median" in done.stdout
+    # Its store was a temporary folder: nothing left where it ran, nothing in the store that
+    # MLFLOW_TRACKING_URI names (the test's own, from conftest).
+    assert not list(work.iterdir())
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()
+
+
+def test_log_model_pair_count_below_one_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    done = _run_script(LOG_MODEL_SCRIPT, "--pairs", "0", "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 2
+    assert "--pairs takes a whole number of at least 1" in done.stderr
+    assert not out.exists()

@@ -80,8 +80,8 @@ NOT_RUN = {
     "tests/system/test_bench.py runs --quick on tiny data",
     "python benchmarks/bench_stages.py": "a measurement: minutes of interleaved stage runs",
     "python benchmarks/stage_breakdown.py": "a measurement of a real train and evaluate stage",
-    "python benchmarks/bench_log_model.py": "a measurement; tests/system/"
-    "test_bench_log_model.py runs the script with 2 pairs",
+    "python benchmarks/bench_log_model.py": "a measurement; tests/system/test_bench.py runs "
+    "the script with 2 pairs",
 }
 
 
